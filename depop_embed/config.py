@@ -1,0 +1,284 @@
+"""The one configuration object: frozen dataclasses loaded from ``conf/*.yaml`` plus ``--set`` overrides.
+
+Every setting of a run lives here. Loading fails at once, naming the dotted key, for an unknown key, a
+value of the wrong type or a value out of range, so a bad deployment dies before Spark starts.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import re
+import string
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+SOURCE_FORMATS = ("delta", "parquet", "json", "csv")
+DELTA_ENGINES = ("auto", "spark", "delta-rs")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+# The input contract: what upstream tables must provide (extra columns are ignored).
+LISTING_COLUMNS = (
+    "listing_id", "title", "description", "brand", "category", "size", "condition",
+    "colour", "price", "currency", "status", "updated_at",
+)
+IMAGE_COLUMNS = ("listing_id", "image_id", "position", "uri", "updated_at")
+
+_UC_SCHEMA = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    path: str = ""
+    format: str = "json"
+    # Relative photo URIs resolve against this folder; empty means the folder that holds `path`.
+    uri_root: str = ""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    # A folder (local tables, one sub-folder per table) or `catalog.schema` (Unity Catalog).
+    location: str = ".depop_embed/tables"
+    engine: str = "auto"  # auto: Spark's Delta connector when the session has it, else delta-rs
+    # Encoded rows are staged here (Parquet) between encoding and the table commits; empty means
+    # `<location>/_staging` for folder locations. Required for `catalog.schema` locations.
+    staging_path: str = ""
+
+    @property
+    def is_catalog(self) -> bool:
+        return bool(_UC_SCHEMA.match(self.location))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "ViT-B-32"  # an open_clip architecture
+    # Exactly one source of weights: an open_clip pretrained tag, a local checkpoint file, or a seed
+    # for random weights (tests, benchmarks, machines without a model hub).
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    seed: int | None = None
+    # An extra open_clip model config (JSON) to register before building, for custom architectures.
+    config_path: str | None = None
+    device: str = "auto"
+    precision: str = "auto"  # autocast dtype on CUDA; auto = bf16 where supported, else fp16
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    image_batch_size: int = 32
+    text_batch_size: int = 128
+    arrow_batch_size: int = 512  # rows per Arrow batch handed to each UDF call
+    torch_threads: int = 0  # 0: one per CPU that Spark gives a task (spark.task.cpus)
+    partitions: int = 0  # 0: Spark's default parallelism
+    decode_threads: int = 4
+    max_image_pixels: int = 50_000_000  # decoded-size cap against decompression bombs
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    template_version: str = "v1"
+    # Segments over listing fields, joined by `separator`; a segment whose fields are all empty is left out.
+    template: tuple[str, ...] = (
+        "{title}", "{brand}", "{category}", "size {size}", "{condition}", "{colour}", "{description}",
+    )
+    separator: str = ". "
+    max_chars: int = 2000
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    image_weight: float = 0.5  # multimodal = normalise(w * image + (1 - w) * text)
+
+
+@dataclass(frozen=True)
+class ThresholdsConfig:
+    max_error_rate: float = 0.05  # the run fails, before committing, above this share of error rows
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[*]"  # used only when no session or spark-submit master exists
+    app_name: str = "depop-embed"
+    conf: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    listings: SourceConfig = field(default_factory=SourceConfig)
+    images: SourceConfig = field(default_factory=SourceConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+
+    @property
+    def staging_path(self) -> str:
+        return self.output.staging_path or f"{self.output.location.rstrip('/')}/_staging"
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (optional) and apply `dotted.key=value` overrides; validate the result."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (for logs and run records)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set raw[a][b][c] for "a.b.c"; below a mapping field (spark.conf) the rest is one map key."""
+    node, cls = raw, Config
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        hint = typing.get_type_hints(cls).get(part) if cls is not None else None
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+        if hint is not None and not dataclasses.is_dataclass(hint):
+            child[".".join(parts[i + 1 :])] = value
+            return
+        node, cls = child, hint if dataclasses.is_dataclass(hint) else None
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        dotted = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, raw[f.name], dotted + ".")
+        else:
+            values[f.name] = _coerce(raw[f.name], hint, dotted)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (collections.abc.Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads `template_version: 2` as an int; a name is still a name
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks; each message names the offending key."""
+    for name in ("listings", "images"):
+        src: SourceConfig = getattr(cfg, name)
+        if not src.path:
+            raise ConfigError(f"{name}.path: required")
+        _one_of(f"{name}.format", src.format, SOURCE_FORMATS)
+    _one_of("output.engine", cfg.output.engine, DELTA_ENGINES)
+    if not cfg.output.location:
+        raise ConfigError("output.location: required")
+    if cfg.output.is_catalog and cfg.output.engine == "delta-rs":
+        raise ConfigError("output.engine: delta-rs cannot write Unity Catalog tables; use spark")
+    if cfg.output.is_catalog and not cfg.output.staging_path:
+        raise ConfigError("output.staging_path: required when output.location is catalog.schema")
+
+    m = cfg.model
+    if not m.name:
+        raise ConfigError("model.name: required")
+    sources = [k for k in ("pretrained", "checkpoint", "seed") if getattr(m, k) is not None]
+    if len(sources) != 1:
+        raise ConfigError(
+            "model.pretrained / model.checkpoint / model.seed: set exactly one "
+            f"(set now: {', '.join(sources) or 'none'}; clear one with e.g. --set model.seed=null)"
+        )
+    _one_of("model.device", m.device, DEVICES)
+    _one_of("model.precision", m.precision, PRECISIONS)
+
+    e = cfg.encode
+    for key in ("image_batch_size", "text_batch_size", "arrow_batch_size", "decode_threads", "max_image_pixels"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"encode.{key}: must be >= 1, got {getattr(e, key)}")
+    for key in ("torch_threads", "partitions"):
+        if getattr(e, key) < 0:
+            raise ConfigError(f"encode.{key}: must be >= 0, got {getattr(e, key)}")
+
+    t = cfg.text
+    if not t.template_version:
+        raise ConfigError("text.template_version: required")
+    if not t.template:
+        raise ConfigError("text.template: needs at least one segment")
+    for i, segment in enumerate(t.template):
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(segment) if f is not None]
+        except ValueError as exc:
+            raise ConfigError(f"text.template[{i}]: {exc}") from exc
+        unknown = [n for n in names if n not in LISTING_COLUMNS]
+        if unknown or not names:
+            raise ConfigError(
+                f"text.template[{i}]: {segment!r} must name listing fields in braces; "
+                f"unknown: {unknown or 'none named'}; known: {', '.join(LISTING_COLUMNS)}"
+            )
+    if t.max_chars < 1:
+        raise ConfigError(f"text.max_chars: must be >= 1, got {t.max_chars}")
+
+    _unit_interval("fusion.image_weight", cfg.fusion.image_weight)
+    _unit_interval("thresholds.max_error_rate", cfg.thresholds.max_error_rate)
+
+
+def _one_of(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _unit_interval(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}: must be between 0 and 1, got {value}")

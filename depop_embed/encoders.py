@@ -1,0 +1,157 @@
+"""The only place that builds models: open_clip by architecture plus pretrained tag, checkpoint or seed.
+
+`model_id` names exactly which weights produced a vector, and is computed on the driver without
+building the model. `Encoder` wraps a built model with its own preprocess transform and tokenizer and
+returns L2-normalised float32 vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from depop_embed.config import ModelConfig
+
+
+def model_id(cfg: ModelConfig) -> str:
+    if cfg.pretrained is not None:
+        return f"{cfg.name}/{cfg.pretrained}"
+    if cfg.checkpoint is not None:
+        return f"{cfg.name}/sha256-{_file_digest(cfg.checkpoint)[:16]}"
+    return f"{cfg.name}/seed-{cfg.seed}"
+
+
+def embedding_dim(cfg: ModelConfig) -> int:
+    """The vector size of an architecture, read from its open_clip config (no weights built)."""
+    import open_clip
+
+    _register_config(cfg.config_path)
+    model_cfg = open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise ValueError(f"model.name: {cfg.name!r} is not an open_clip architecture")
+    return int(model_cfg["embed_dim"])
+
+
+@dataclass
+class Encoder:
+    model: Any
+    preprocess: Any  # PIL image -> CHW float tensor, open_clip's own eval transform for this model
+    tokenizer: Any
+    device: str
+    autocast_dtype: Any  # torch dtype, or None for plain fp32
+    model_id: str
+
+    def encode_images(self, pixels: Any) -> np.ndarray:
+        """A (N, 3, H, W) tensor from `preprocess` -> (N, dim) normalised float32."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return _normalised(features)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (N, dim) normalised float32; the tokenizer truncates at the context length."""
+        import torch
+
+        tokens = self.tokenizer(list(texts))
+        with torch.inference_mode(), self._autocast():
+            features = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+        return _normalised(features)
+
+    def _autocast(self):
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast_dtype)
+
+
+def build_encoder(cfg: ModelConfig, device: str | None = None) -> Encoder:
+    """Build the model once; callers cache it (one per Python worker)."""
+    import open_clip
+    import torch
+
+    _register_config(cfg.config_path)
+    device = device or resolve_device(cfg.device)
+    if cfg.seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=None)
+    else:
+        # A tag or a local file: open_clip reads safetensors, or torch files with weights_only=True.
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.name, pretrained=cfg.pretrained or cfg.checkpoint, weights_only=True
+        )
+    model = model.to(device).eval()
+    return Encoder(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(cfg.name),
+        device=device,
+        autocast_dtype=_autocast_dtype(cfg.precision, device),
+        model_id=model_id(cfg),
+    )
+
+
+def resolve_device(requested: str, gpu_address: str | None = None) -> str:
+    import torch
+
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device: cuda was asked for but torch sees no CUDA device")
+    return f"cuda:{gpu_address}" if gpu_address is not None else "cuda"
+
+
+def save_checkpoint(model: Any, path: str | Path) -> None:
+    """Write a model's weights as safetensors (no pickle), the format `model.checkpoint` prefers."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(path))
+
+
+def _autocast_dtype(precision: str, device: str):
+    import torch
+
+    if device == "cpu" or precision == "fp32":
+        return None  # CPU autocast changes results and rarely wins for these models; see bench/
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _normalised(features: Any) -> np.ndarray:
+    import torch
+
+    features = torch.nn.functional.normalize(features.float(), dim=-1)
+    return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+@lru_cache(maxsize=None)
+def _register_config(config_path: str | None) -> None:
+    if config_path:
+        import open_clip
+
+        if not Path(config_path).is_file():
+            raise FileNotFoundError(f"model.config_path: no file at {config_path}")
+        open_clip.add_model_config(config_path)
+
+
+@lru_cache(maxsize=16)
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise FileNotFoundError(f"model.checkpoint: cannot read {path}: {exc}") from exc
+    return digest.hexdigest()

@@ -1,0 +1,86 @@
+"""Reading the upstream tables: listings and listing photos.
+
+Both are checked against the input contract (a missing column fails at once, naming it), cast to the
+contract's types, and deduplicated on their key keeping the latest `updated_at` (ties broken on the
+row's content, so the choice is deterministic). Photos whose listing does not exist are dropped;
+relative photo URIs are made absolute against `images.uri_root`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from depop_embed.config import IMAGE_COLUMNS, LISTING_COLUMNS, Config, SourceConfig
+
+_LISTING_TYPES = {"listing_id": "string", "price": "double", "updated_at": "timestamp"}
+_IMAGE_TYPES = {"listing_id": "string", "image_id": "string", "position": "int", "uri": "string", "updated_at": "timestamp"}
+
+
+class SourceError(ValueError):
+    """An upstream table cannot be read or does not meet the input contract."""
+
+
+@dataclass
+class Sources:
+    listings: DataFrame  # LISTING_COLUMNS, one row per listing_id
+    images: DataFrame  # IMAGE_COLUMNS with `uri` absolute, one row per (listing_id, image_id), listing exists
+
+
+def read(spark: SparkSession, cfg: Config, engine: str) -> Sources:
+    listings = _conform(_read_table(spark, cfg.listings, engine), "listings", LISTING_COLUMNS, _LISTING_TYPES)
+    listings = latest_per_key(listings, ["listing_id"])
+    images = _conform(_read_table(spark, cfg.images, engine), "images", IMAGE_COLUMNS, _IMAGE_TYPES)
+    images = latest_per_key(images, ["listing_id", "image_id"])
+    images = images.join(listings.select("listing_id"), "listing_id", "left_semi")
+    return Sources(listings=listings, images=images.withColumn("uri", _absolute_uri(F.col("uri"), uri_root(cfg.images))))
+
+
+def latest_per_key(df: DataFrame, key: list[str]) -> DataFrame:
+    order = [F.col("updated_at").desc_nulls_last(), F.xxhash64(*df.columns).desc()]
+    return (
+        df.withColumn("_rank", F.row_number().over(Window.partitionBy(*key).orderBy(*order)))
+        .where("_rank = 1")
+        .drop("_rank")
+    )
+
+
+def uri_root(src: SourceConfig) -> str:
+    """Where relative photo URIs point: `uri_root`, else the folder that holds the photo table."""
+    if src.uri_root:
+        return src.uri_root.rstrip("/")
+    parent = os.path.dirname(src.path.rstrip("/"))
+    return os.path.abspath(parent) if "://" not in src.path else parent
+
+
+def _absolute_uri(uri, root: str):
+    is_absolute = uri.rlike(r"^([A-Za-z][A-Za-z0-9+.\-]*:|/)")
+    return F.when(is_absolute | (F.lit(root) == ""), uri).otherwise(F.concat(F.lit(root + "/"), uri))
+
+
+def _read_table(spark: SparkSession, src: SourceConfig, engine: str) -> DataFrame:
+    try:
+        if src.format == "delta":
+            if engine == "spark":
+                reader = spark.read.format("delta")
+                return reader.load(src.path) if "/" in src.path else spark.read.table(src.path)
+            from deltalake import DeltaTable
+
+            return spark.createDataFrame(DeltaTable(src.path).to_pyarrow_table())
+        if src.format == "csv":
+            return spark.read.options(header=True, multiLine=True, escape='"').csv(src.path)
+        return spark.read.format(src.format).load(src.path)
+    except Exception as exc:  # Spark's AnalysisException, delta-rs's TableNotFoundError, ...
+        raise SourceError(f"cannot read {src.format} table at {src.path}: {exc}") from exc
+
+
+def _conform(df: DataFrame, name: str, required: tuple[str, ...], types: dict[str, str]) -> DataFrame:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise SourceError(
+            f"{name}.path: missing required column(s) {', '.join(missing)} (found: {', '.join(df.columns)})"
+        )
+    return df.select(*[F.col(c).cast(types.get(c, "string")).alias(c) for c in required])

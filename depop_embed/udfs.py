@@ -1,0 +1,185 @@
+"""Encoding inside Spark: functions for `DataFrame.mapInPandas`.
+
+Each Python worker builds the encoder once (`worker_encoder`) and reuses it for every batch and task it
+runs. Rows are cut into model batches; a photo that cannot be read or decoded, or a text that is
+empty, becomes an error row and the rest of its batch is still encoded. Counters (model loads per
+worker process, batches, rows) travel back to the driver in a Spark accumulator.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.accumulators import AccumulatorParam
+
+from depop_embed.config import ModelConfig
+from depop_embed.photos import PhotoError
+
+IMAGE_OUTPUT_SCHEMA = (
+    "listing_id string, image_id string, position int, image_uri string, content_hash string, "
+    "embedding array<float>, status string, error string"
+)
+TEXT_OUTPUT_SCHEMA = (
+    "listing_id string, text string, text_hash string, template_version string, "
+    "embedding array<float>, status string, error string"
+)
+
+
+class CounterParam(AccumulatorParam):
+    """Nested dicts of counts, summed key by key."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, total, more):
+        for key, value in more.items():
+            if isinstance(value, dict):
+                self.addInPlace(total.setdefault(key, {}), value)
+            else:
+                total[key] = total.get(key, 0) + value
+        return total
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What a worker needs to know; shipped to the workers inside the UDF closure."""
+
+    model: ModelConfig
+    image_batch_size: int
+    text_batch_size: int
+    torch_threads: int
+    decode_threads: int
+    max_image_pixels: int
+
+
+_ENCODERS: dict[tuple, Any] = {}
+
+
+def worker_encoder(settings: EncodeSettings, stats) -> Any:
+    """This process's encoder for the model, built on first use."""
+    from depop_embed import encoders
+
+    device = encoders.resolve_device(settings.model.device, _task_gpu())
+    key = (settings.model, device)
+    if key not in _ENCODERS:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+        _ENCODERS[key] = encoders.build_encoder(settings.model, device)
+        stats.add({"model_loads": 1, "model_loads_by_worker": {str(os.getpid()): 1}})
+    return _ENCODERS[key]
+
+
+def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas function: (listing_id, image_id, position, uri) -> IMAGE_OUTPUT_SCHEMA rows."""
+
+    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        encoder = worker_encoder(settings, stats)
+        with ThreadPoolExecutor(settings.decode_threads) as pool:
+            for frame in frames:
+                for batch in _batches(frame, settings.image_batch_size):
+                    loaded = list(pool.map(lambda uri: _load_photo(uri, encoder, settings.max_image_pixels), batch["uri"]))
+                    ok = [i for i, (_, pixels, _) in enumerate(loaded) if pixels is not None]
+                    vectors, errors = _encode_rows(
+                        lambda idx: encoder.encode_images(_stack([loaded[i][1] for i in idx])), ok, len(batch)
+                    )
+                    for i, (_, _, error) in enumerate(loaded):
+                        errors[i] = errors[i] or error
+                    stats.add({"image_batches": 1, "images": len(batch), "image_errors": sum(e is not None for e in errors)})
+                    yield _output(batch[["listing_id", "image_id", "position"]], vectors, errors).assign(
+                        image_uri=batch["uri"].to_numpy(),
+                        content_hash=[digest for digest, _, _ in loaded],
+                    )
+
+    return run
+
+
+def encode_texts(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas function: (listing_id, text, text_hash, template_version) -> TEXT_OUTPUT_SCHEMA rows."""
+
+    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        encoder = worker_encoder(settings, stats)
+        for frame in frames:
+            for batch in _batches(frame, settings.text_batch_size):
+                texts = batch["text"].fillna("").tolist()
+                ok = [i for i, text in enumerate(texts) if text]
+                vectors, errors = _encode_rows(lambda idx: encoder.encode_texts([texts[i] for i in idx]), ok, len(batch))
+                for i, text in enumerate(texts):
+                    if not text:
+                        errors[i] = "empty_text: no listing field has text"
+                stats.add({"text_batches": 1, "texts": len(batch), "text_errors": sum(e is not None for e in errors)})
+                yield _output(batch[["listing_id", "text", "text_hash", "template_version"]], vectors, errors)
+
+    return run
+
+
+def _batches(frame: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
+    for start in range(0, len(frame), size):
+        yield frame.iloc[start : start + size].reset_index(drop=True)
+
+
+def _load_photo(uri: str, encoder, max_pixels: int) -> tuple[str | None, Any, str | None]:
+    """uri -> (content hash, preprocessed pixels, None) or (hash or None, None, error)."""
+    from depop_embed import photos
+
+    digest = None
+    try:
+        data = photos.read_bytes(uri)
+        digest = photos.content_hash(data)
+        return digest, encoder.preprocess(photos.decode(data, max_pixels)), None
+    except PhotoError as exc:
+        return digest, None, str(exc)
+    except Exception as exc:  # a preprocess failure on a decodable image must not take the batch down
+        return digest, None, f"preprocess_failed: {type(exc).__name__}: {exc}"
+
+
+def _stack(tensors: list) -> Any:
+    import torch
+
+    return torch.stack(tensors)
+
+
+def _encode_rows(encode: Callable[[list[int]], np.ndarray], rows: list[int], n: int) -> tuple[list, list]:
+    """Encode `rows` of a batch of `n`; on a failed batch, retry one by one so only bad rows fail."""
+    vectors: list = [None] * n
+    errors: list = [None] * n
+    if not rows:
+        return vectors, errors
+    try:
+        groups = [(rows, encode(rows))]
+    except Exception:
+        groups = []
+        for i in rows:
+            try:
+                groups.append(([i], encode([i])))
+            except Exception as exc:
+                errors[i] = f"encode_failed: {type(exc).__name__}: {exc}"
+    for idx, matrix in groups:
+        for i, vector in zip(idx, matrix):
+            if np.isfinite(vector).all():
+                vectors[i] = vector
+            else:
+                errors[i] = "non_finite: the model returned NaN or infinity"
+    return vectors, errors
+
+
+def _output(keys: pd.DataFrame, vectors: list, errors: list) -> pd.DataFrame:
+    return keys.assign(
+        embedding=pd.Series(vectors, dtype=object).to_numpy(),
+        status=["error" if e else "ok" for e in errors],
+        error=errors,
+    )
+
+
+def _task_gpu() -> str | None:
+    """The GPU Spark assigned to this task (GPU-aware scheduling), if any."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context else None
+    return gpus.addresses[0] if gpus and gpus.addresses else None

@@ -1,0 +1,46 @@
+"""Embed listings: read listings + photos, encode with open_clip in Spark, MERGE into the Delta feature tables.
+
+    spark-submit jobs/embed_listings.py --config conf/local.yaml [--set key=value ...]
+    python jobs/embed_listings.py --config conf/local.yaml [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from depop_embed import config, pipeline
+from depop_embed.session import get_spark
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file under conf/")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set model.seed=3 (repeatable)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except config.ConfigError as exc:
+        parser.error(str(exc))
+    spark = get_spark(cfg)
+    try:
+        summary = pipeline.run(spark, cfg)
+    except pipeline.RunFailed as exc:
+        logging.getLogger("embed_listings").error("%s", exc)
+        return 1
+    print(summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Shared fixtures: one local SparkSession, a tiny open_clip model with seeded weights, and one
+pipeline run over the bundled sample data that several tests read."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from depop_embed import config, pipeline
+from depop_embed.session import get_spark
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = str(ROOT / "tests" / "assets" / "depop-tiny-clip.json")
+SAMPLE = ROOT / "sample_data"
+
+
+def make_config(tmp: Path, *overrides: str, listings: Path | None = None, images: Path | None = None) -> config.Config:
+    """conf/local.yaml pointed at a tmp output folder and the tiny model; extra --set style overrides."""
+    return config.load(
+        ROOT / "conf" / "local.yaml",
+        [
+            f"listings.path={listings or SAMPLE / 'listings.jsonl'}",
+            f"images.path={images or SAMPLE / 'listing_images.jsonl'}",
+            f"output.location={tmp / 'tables'}",
+            "model.name=depop-tiny-clip",
+            f"model.config_path={TINY_MODEL}",
+            "model.seed=0",
+            "spark.master=local[2]",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    cfg = make_config(tmp_path_factory.mktemp("session"), "spark.conf.spark.sql.shuffle.partitions=4")
+    session = get_spark(cfg)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_run(spark, tmp_path_factory):
+    """The sample catalogue embedded once with the tiny model; small batches so each worker runs many."""
+    tmp = tmp_path_factory.mktemp("sample_run")
+    cfg = make_config(tmp, "encode.image_batch_size=8", "encode.text_batch_size=16")
+    summary = pipeline.run(spark, cfg)
+    yield cfg, summary
+    shutil.rmtree(tmp, ignore_errors=True)

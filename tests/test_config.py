@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from depop_embed import config
+from depop_embed.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL = ROOT / "conf" / "local.yaml"
+
+
+def test_local_yaml_loads_with_typed_values():
+    cfg = config.load(LOCAL)
+    assert cfg.listings.format == "json"
+    assert cfg.model.name == "ViT-B-32" and cfg.model.seed == 0 and cfg.model.pretrained is None
+    assert isinstance(cfg.text.template, tuple) and cfg.text.template[0] == "{title}"
+    assert cfg.staging_path == ".depop_embed/tables/_staging"
+    assert not cfg.output.is_catalog
+
+
+def test_overrides_are_typed_and_reach_nested_and_mapping_fields():
+    cfg = config.load(LOCAL, [
+        "model.seed=3",
+        "encode.image_batch_size=16",
+        "fusion.image_weight=1",  # an int where a float is expected is fine
+        "text.template_version=2",  # YAML reads 2 as an int; a version is a name
+        "spark.conf.spark.sql.shuffle.partitions=4",  # a dotted key inside a mapping
+        'text.template=["{title}", "by {brand}"]',
+    ])
+    assert cfg.model.seed == 3 and cfg.encode.image_batch_size == 16
+    assert cfg.fusion.image_weight == 1.0 and isinstance(cfg.fusion.image_weight, float)
+    assert cfg.text.template_version == "2"
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "4"
+    assert cfg.text.template == ("{title}", "by {brand}")
+
+
+def test_switching_weights_source_from_the_command_line():
+    cfg = config.load(LOCAL, ["model.seed=null", "model.pretrained=laion2b_s34b_b79k"])
+    assert cfg.model.pretrained == "laion2b_s34b_b79k" and cfg.model.seed is None
+
+
+def test_catalog_location_needs_spark_and_staging():
+    cfg = config.load(LOCAL, ["output.location=main.features", "output.staging_path=/Volumes/main/features/staging"])
+    assert cfg.output.is_catalog and cfg.staging_path == "/Volumes/main/features/staging"
+    with pytest.raises(ConfigError, match="output.staging_path"):
+        config.load(LOCAL, ["output.location=main.features"])
+    with pytest.raises(ConfigError, match="output.engine"):
+        config.load(LOCAL, ["output.location=main.features", "output.staging_path=/x", "output.engine=delta-rs"])
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("nope.x=1", "nope: unknown key"),
+        ("model.colour=red", "model.colour: unknown key"),
+        ("model.seed=abc", "model.seed: expected int"),
+        ("encode.image_batch_size=true", "encode.image_batch_size: expected int"),
+        ("encode.image_batch_size=0", "encode.image_batch_size: must be >= 1"),
+        ("output.engine=duckdb", "output.engine: 'duckdb' is not one of"),
+        ("listings.format=xml", "listings.format: 'xml' is not one of"),
+        ("images.path=", "images.path: expected str, got None"),
+        ('images.path=""', "images.path: required"),
+        ('text.template=["{titel}"]', r"text.template\[0\]"),
+        ('text.template=["no fields"]', r"text.template\[0\]"),
+        ("model.pretrained=openai", "model.pretrained / model.checkpoint / model.seed: set exactly one"),
+        ("fusion.image_weight=2", "fusion.image_weight: must be between 0 and 1"),
+        ("thresholds.max_error_rate=-0.1", "thresholds.max_error_rate"),
+        ("model=3", "model: expected a section"),
+        ("spark.conf=[1]", "spark.conf: expected a mapping"),
+        ("no_equals_sign", "must look like dotted.key=value"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, names):
+    with pytest.raises(ConfigError, match=names):
+        config.load(LOCAL, [override])
+
+
+def test_unreadable_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        config.load(bad)
