@@ -83,6 +83,8 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         max_image_pixels=cfg.encode.max_image_pixels,
     )
     partitions = cfg.encode.partitions or spark.sparkContext.defaultParallelism
+    # A runtime SQL setting, so it applies to an existing (Databricks) session too.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.encode.arrow_batch_size))
     stamp = [F.lit(mid).alias("model_id"), F.lit(embedded_at).cast("timestamp").alias("embedded_at")]
     seconds: dict[str, float] = {}
     log.info("run %s: model %s, %s engine, tables under %s", run_id, mid, engine, cfg.output.location)
@@ -110,8 +112,8 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
             .select("*", *stamp)
         )
         staged = {
-            TEXT_TABLE.name: _stage(spark, texts, f"{staging}/{TEXT_TABLE.name}", "texts", seconds),
-            IMAGE_TABLE.name: _stage(spark, images, f"{staging}/{IMAGE_TABLE.name}", "images", seconds),
+            TEXT_TABLE.name: _stage(spark, texts, f"{staging}/{TEXT_TABLE.name}", "texts", seconds, stats),
+            IMAGE_TABLE.name: _stage(spark, images, f"{staging}/{IMAGE_TABLE.name}", "images", seconds, stats),
         }
         counts = {name: _status_counts(df) for name, df in staged.items()}
         check_error_rates(staged, counts, cfg.thresholds.max_error_rate)
@@ -119,7 +121,7 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         listings = fusion.fuse(
             src.listings, staged[TEXT_TABLE.name], staged[IMAGE_TABLE.name], cfg.fusion.image_weight
         ).select("*", F.lit(mid).alias("model_id"), F.lit(embedded_at).cast("timestamp").alias("updated_at"))
-        staged[LISTING_TABLE.name] = _stage(spark, listings, f"{staging}/{LISTING_TABLE.name}", "listings", seconds)
+        staged[LISTING_TABLE.name] = _stage(spark, listings, f"{staging}/{LISTING_TABLE.name}", "listings", seconds, stats)
         counts[LISTING_TABLE.name] = (staged[LISTING_TABLE.name].count(), 0)
 
         commit_info = {"depop_embed.run_id": run_id, "depop_embed.model_id": mid, "depop_embed.version": __version__}
@@ -164,12 +166,18 @@ def _top_reasons(df: DataFrame, limit: int = 3) -> str:
     return "; ".join(f"{r['reason']} x{r['n']} (e.g. {', '.join(r['examples'])})" for r in rows)
 
 
-def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, seconds: dict[str, float]) -> DataFrame:
+def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, seconds: dict[str, float], stats) -> DataFrame:
+    """Run `df` once into Parquet at `path` and read it back: what follows never re-encodes."""
     started = time.monotonic()
     df.write.mode("overwrite").parquet(path)
     staged = spark.read.parquet(path)
-    seconds[f"encode_{what}"] = time.monotonic() - started
-    log.info("%s: staged in %.1fs", what, seconds[f"encode_{what}"])
+    elapsed = seconds[f"encode_{what}"] = time.monotonic() - started
+    rows = staged.count()
+    batches = stats.value.get(f"{what[:-1]}_batches")
+    log.info(
+        "%s: %d rows%s in %.1fs (%.1f rows/s)",
+        what, rows, f" in {batches} batches" if batches else "", elapsed, rows / elapsed if elapsed else 0.0,
+    )
     return staged
 
 

@@ -36,7 +36,6 @@ def get_spark(cfg: Config):
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.encode.arrow_batch_size),
         "spark.ui.showConsoleProgress": "false",
     }
     if cfg.output.engine == "spark":

@@ -82,3 +82,9 @@ def test_unreadable_or_malformed_file(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         config.load(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = config.load(path)
+    assert cfg.model.name

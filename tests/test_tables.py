@@ -1,0 +1,59 @@
+"""The table contract is declared once and rendered for both Delta engines; they must agree."""
+
+import pyarrow as pa
+import pytest
+
+from depop_embed.config import load
+from depop_embed.session import resolve_engine
+from depop_embed.tables import TABLES, DeltaRsWriter
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("spec", TABLES, ids=lambda s: s.name)
+def test_spark_ddl_and_arrow_schema_describe_the_same_table(spark, tmp_path, spec):
+    # Spark parses the DDL the Spark Delta writer uses (as a Parquet table here: no Delta jars).
+    spark.sql(f"CREATE TABLE contract_{spec.name} ({spec.spark_ddl()}) USING parquet LOCATION '{tmp_path}'")
+    try:
+        spark_schema = spark.table(f"contract_{spec.name}").schema
+    finally:
+        spark.sql(f"DROP TABLE contract_{spec.name}")
+    arrow = spec.arrow_schema()
+    assert spark_schema.fieldNames() == arrow.names == spec.column_names
+    expected = {"string": "string", "int": "int", "boolean": "boolean", "timestamp": "timestamp", "vector": "array<float>"}
+    for column, field in zip(spec.columns, spark_schema.fields):
+        assert field.dataType.simpleString() == expected[column.type]
+        assert field.metadata.get("comment") == column.comment
+        assert arrow.field(column.name).metadata[b"comment"].decode() == column.comment
+        assert arrow.field(column.name).nullable == column.nullable
+    assert set(spec.key) <= set(spec.column_names) and spec.key[0] == "listing_id"
+
+
+def test_vectors_are_float32_lists_and_times_are_utc():
+    for spec in TABLES:
+        schema = spec.arrow_schema()
+        for column in spec.columns:
+            t = schema.field(column.name).type
+            if column.type == "vector":
+                assert pa.types.is_list(t) and t.value_type == pa.float32()
+            if column.type == "timestamp":
+                assert t == pa.timestamp("us", tz="UTC")
+
+
+def test_delta_rs_creates_empty_tables_with_cdf(tmp_path):
+    writer = DeltaRsWriter(str(tmp_path))
+    for spec in TABLES:
+        assert writer.version(spec) is None
+        table = writer.ensure(spec)
+        assert table.version() == 0 and writer.version(spec) == 0
+        assert table.metadata().configuration["delta.enableChangeDataFeed"] == "true"
+        assert table.to_pyarrow_table().num_rows == 0
+
+
+def test_engine_resolution_without_the_spark_connector(spark):
+    local = ROOT / "conf" / "local.yaml"
+    assert resolve_engine(spark, load(local)) == "delta-rs"
+    with pytest.raises(RuntimeError, match="output.engine: spark was asked for"):
+        resolve_engine(spark, load(local, ["output.engine=spark"]))
+    with pytest.raises(RuntimeError, match="Unity Catalog"):
+        resolve_engine(spark, load(local, ["output.location=main.features", "output.staging_path=/tmp/x"]))
