@@ -59,7 +59,7 @@ class RunSummary:
         for name, t in self.tables.items():
             lines.append(f"  {name}: {t.rows} rows written ({t.errors} errors) -> {t.location} (version {t.version})")
         for kind in ("images", "texts"):
-            secs = self.seconds.get(f"encode_{kind}", 0.0)
+            secs = self.seconds.get(kind, 0.0)
             rate = self.stats.get(kind, 0) / secs if secs else 0.0
             lines.append(f"  encoded {self.stats.get(kind, 0)} {kind} in {secs:.1f}s ({rate:.1f}/s)")
         return "\n".join(lines)
@@ -74,21 +74,14 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
     mid = encoders.model_id(cfg.model)
     staging = f"{cfg.staging_path.rstrip('/')}/{run_id}"
     stats = spark.sparkContext.accumulator({}, CounterParam())
-    settings = EncodeSettings(
-        model=cfg.model,
-        image_batch_size=cfg.encode.image_batch_size,
-        text_batch_size=cfg.encode.text_batch_size,
-        torch_threads=cfg.encode.torch_threads or int(spark.conf.get("spark.task.cpus", "1")),
-        decode_threads=cfg.encode.decode_threads,
-        max_image_pixels=cfg.encode.max_image_pixels,
-    )
+    settings = _encode_settings(spark, cfg)
     partitions = cfg.encode.partitions or spark.sparkContext.defaultParallelism
     # A runtime SQL setting, so it applies to an existing (Databricks) session too.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.encode.arrow_batch_size))
-    stamp = [F.lit(mid).alias("model_id"), F.lit(embedded_at).cast("timestamp").alias("embedded_at")]
     seconds: dict[str, float] = {}
     log.info("run %s: model %s, %s engine, tables under %s", run_id, mid, engine, cfg.output.location)
 
+    src = None
     try:
         src = sources.read(spark, cfg, engine)
         log.info(
@@ -103,13 +96,13 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
             )
             .repartition(partitions)
             .mapInPandas(encode_texts(settings, stats), TEXT_OUTPUT_SCHEMA)
-            .select("*", *stamp)
+            .select("*", *_stamp(mid, embedded_at, "embedded_at"))
         )
         images = (
             src.images.select("listing_id", "image_id", "position", "uri")
             .repartition(partitions)
             .mapInPandas(encode_images(settings, stats), IMAGE_OUTPUT_SCHEMA)
-            .select("*", *stamp)
+            .select("*", *_stamp(mid, embedded_at, "embedded_at"))
         )
         staged = {
             TEXT_TABLE.name: _stage(spark, texts, f"{staging}/{TEXT_TABLE.name}", "texts", seconds, stats),
@@ -120,7 +113,7 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
 
         listings = fusion.fuse(
             src.listings, staged[TEXT_TABLE.name], staged[IMAGE_TABLE.name], cfg.fusion.image_weight
-        ).select("*", F.lit(mid).alias("model_id"), F.lit(embedded_at).cast("timestamp").alias("updated_at"))
+        ).select("*", *_stamp(mid, embedded_at, "updated_at"))
         staged[LISTING_TABLE.name] = _stage(spark, listings, f"{staging}/{LISTING_TABLE.name}", "listings", seconds, stats)
         counts[LISTING_TABLE.name] = (staged[LISTING_TABLE.name].count(), 0)
 
@@ -134,6 +127,8 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         seconds["commit"] = time.monotonic() - commit_started
     finally:
         _remove(spark, staging)
+        if src is not None:
+            src.unpersist()
     seconds["total"] = time.monotonic() - started
     summary = RunSummary(run_id, mid, engine, results, dict(stats.value), seconds)
     log.info("run %s done in %.1fs", run_id, seconds["total"])
@@ -171,7 +166,7 @@ def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, seconds: di
     started = time.monotonic()
     df.write.mode("overwrite").parquet(path)
     staged = spark.read.parquet(path)
-    elapsed = seconds[f"encode_{what}"] = time.monotonic() - started
+    elapsed = seconds[what] = time.monotonic() - started
     rows = staged.count()
     batches = stats.value.get(f"{what[:-1]}_batches")
     log.info(
@@ -179,6 +174,21 @@ def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, seconds: di
         what, rows, f" in {batches} batches" if batches else "", elapsed, rows / elapsed if elapsed else 0.0,
     )
     return staged
+
+
+def _encode_settings(spark: SparkSession, cfg: Config) -> EncodeSettings:
+    return EncodeSettings(
+        model=cfg.model,
+        image_batch_size=cfg.encode.image_batch_size,
+        text_batch_size=cfg.encode.text_batch_size,
+        torch_threads=cfg.encode.torch_threads or int(spark.conf.get("spark.task.cpus", "1")),
+        decode_threads=cfg.encode.decode_threads,
+        max_image_pixels=cfg.encode.max_image_pixels,
+    )
+
+
+def _stamp(model_id: str, at: datetime, time_column: str) -> list:
+    return [F.lit(model_id).alias("model_id"), F.lit(at).cast("timestamp").alias(time_column)]
 
 
 def _status_counts(df: DataFrame) -> tuple[int, int]:

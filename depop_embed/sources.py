@@ -29,20 +29,31 @@ class Sources:
     listings: DataFrame  # LISTING_COLUMNS, one row per listing_id
     images: DataFrame  # IMAGE_COLUMNS with `uri` absolute, one row per (listing_id, image_id), listing exists
 
+    def unpersist(self) -> None:
+        self.listings.unpersist()
+        self.images.unpersist()
+
 
 def read(spark: SparkSession, cfg: Config, engine: str) -> Sources:
+    """The run's view of both sources, persisted: every later step sees the same snapshot."""
     listings = _conform(_read_table(spark, cfg.listings, engine), "listings", LISTING_COLUMNS, _LISTING_TYPES)
-    listings = latest_per_key(listings, ["listing_id"])
+    listings = latest_per_key(listings, ["listing_id"]).persist()
     images = _conform(_read_table(spark, cfg.images, engine), "images", IMAGE_COLUMNS, _IMAGE_TYPES)
-    images = latest_per_key(images, ["listing_id", "image_id"])
-    images = images.join(listings.select("listing_id"), "listing_id", "left_semi")
-    return Sources(listings=listings, images=images.withColumn("uri", _absolute_uri(F.col("uri"), uri_root(cfg.images))))
+    images = (
+        latest_per_key(images, ["listing_id", "image_id"])
+        .join(listings.select("listing_id"), "listing_id", "left_semi")
+        .withColumn("uri", _absolute_uri(F.col("uri"), uri_root(cfg.images)))
+        .persist()
+    )
+    return Sources(listings=listings, images=images)
 
 
 def latest_per_key(df: DataFrame, key: list[str]) -> DataFrame:
+    """One row per key (rows with a null key are dropped): the latest updated_at, ties broken on content."""
     order = [F.col("updated_at").desc_nulls_last(), F.xxhash64(*df.columns).desc()]
     return (
-        df.withColumn("_rank", F.row_number().over(Window.partitionBy(*key).orderBy(*order)))
+        df.where(" AND ".join(f"{k} IS NOT NULL" for k in key))
+        .withColumn("_rank", F.row_number().over(Window.partitionBy(*key).orderBy(*order)))
         .where("_rank = 1")
         .drop("_rank")
     )
@@ -78,6 +89,9 @@ def _read_table(spark: SparkSession, src: SourceConfig, engine: str) -> DataFram
 
 
 def _conform(df: DataFrame, name: str, required: tuple[str, ...], types: dict[str, str]) -> DataFrame:
+    if not df.columns:  # an empty JSON/CSV export has no schema to infer: it is an empty table
+        ddl = ", ".join(f"`{c}` {types.get(c, 'string')}" for c in required)
+        return df.sparkSession.createDataFrame([], ddl)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise SourceError(

@@ -222,3 +222,23 @@ def test_bad_photos_become_error_rows_and_the_gate_stops_the_commit(spark, tmp_p
     assert "missing x1" in message and photos[0]["listing_id"] in message
     assert {spec.name: DeltaTable(f"{out}/tables/{spec.name}").version() for spec in TABLES} == versions
     assert not any((out / "tables" / "_staging").glob("*/*")), "staging is cleaned up after a failed run"
+
+
+def test_a_catalogue_without_any_photos_still_gets_text_and_listing_rows(spark, tmp_path):
+    catalogue = write_catalogue(tmp_path / "src", n_listings=5, seed=5)
+    catalogue.images_path.write_text("")  # an empty photo export: no rows, so no schema to infer
+    cfg = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path)
+    summary = pipeline.run(spark, cfg)
+    assert summary.tables[IMAGE_TABLE.name].rows == 0 and len(table(cfg, IMAGE_TABLE)) == 0
+    fused = table(cfg, LISTING_TABLE)
+    assert len(fused) == 5 and (fused["n_images"] == 0).all() and fused["image_embedding"].isna().all()
+    assert all(len(v) == DIM for v in fused["multimodal_embedding"])
+
+
+def test_a_source_missing_a_contract_column_fails_naming_it(spark, tmp_path):
+    catalogue = write_catalogue(tmp_path / "src", n_listings=3, seed=5)
+    rows = read_jsonl(catalogue.listings_path)
+    catalogue.listings_path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "brand"}) + "\n" for r in rows))
+    cfg = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path)
+    with pytest.raises(ValueError, match="listings.path: missing required column.s. brand"):
+        pipeline.run(spark, cfg)
