@@ -110,6 +110,7 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         }
         counts = {name: _status_counts(df) for name, df in staged.items()}
         check_error_rates(staged, counts, cfg.thresholds.max_error_rate)
+        check_dimensions(staged, encoders.embedding_dim(cfg.model))
 
         listings = fusion.fuse(
             src.listings, staged[TEXT_TABLE.name], staged[IMAGE_TABLE.name], cfg.fusion.image_weight
@@ -146,6 +147,14 @@ def check_error_rates(staged: dict[str, DataFrame], counts: dict[str, tuple[int,
             )
     if breaches:
         raise RunFailed("quality gate failed, nothing committed:\n  " + "\n  ".join(breaches))
+
+
+def check_dimensions(staged: dict[str, DataFrame], dim: int) -> None:
+    """Every ok vector must have the architecture's dimension (a mismatched checkpoint would not)."""
+    for name, df in staged.items():
+        wrong = df.where((F.col("status") == "ok") & (F.size("embedding") != dim)).count()
+        if wrong:
+            raise RunFailed(f"quality gate failed, nothing committed: {name}: {wrong} vectors are not {dim}-d")
 
 
 def _top_reasons(df: DataFrame, limit: int = 3) -> str:

@@ -70,6 +70,7 @@ class TableSpec:
 _LISTING_ID = Column("listing_id", "string", False, "Listing identifier (join key for every consumer).")
 _MODEL_ID = Column("model_id", "string", False, "Exact weights that produced the vectors: architecture/pretrained tag, checkpoint digest, seed or registry version.")
 _STATUS = Column("status", "string", False, "'ok' when the embedding is valid, 'error' when this row could not be encoded.")
+_EMBEDDED_AT = Column("embedded_at", "timestamp", False, "When this row was encoded (UTC).")
 _ERROR = Column("error", "string", True, "Why the row could not be encoded ('reason_code: message'); null when status = 'ok'.")
 
 
@@ -90,7 +91,7 @@ IMAGE_TABLE = TableSpec(
         _vector("embedding", "Image embedding"),
         _STATUS,
         _ERROR,
-        Column("embedded_at", "timestamp", False, "When this row was encoded (UTC)."),
+        _EMBEDDED_AT,
     ),
     comment="One CLIP image embedding per listing photo and model.",
 )
@@ -107,7 +108,7 @@ TEXT_TABLE = TableSpec(
         _vector("embedding", "Text embedding"),
         _STATUS,
         _ERROR,
-        Column("embedded_at", "timestamp", False, "When this row was encoded (UTC)."),
+        _EMBEDDED_AT,
     ),
     comment="One CLIP text embedding per listing and model, over the listing's templated text.",
 )

@@ -242,3 +242,13 @@ def test_a_source_missing_a_contract_column_fails_naming_it(spark, tmp_path):
     cfg = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path)
     with pytest.raises(ValueError, match="listings.path: missing required column.s. brand"):
         pipeline.run(spark, cfg)
+
+
+def test_the_gate_refuses_vectors_of_the_wrong_dimension(spark):
+    staged = spark.createDataFrame(
+        [("L1", [1.0, 0.0, 0.0, 0.0], "ok"), ("L2", [1.0, 0.0, 0.0], "ok"), ("L3", None, "error")],
+        "listing_id string, embedding array<float>, status string",
+    )
+    pipeline.check_dimensions({"listing_text_embeddings": staged.where("listing_id != 'L2'")}, 4)
+    with pytest.raises(pipeline.RunFailed, match="listing_text_embeddings: 1 vectors are not 4-d"):
+        pipeline.check_dimensions({"listing_text_embeddings": staged}, 4)
