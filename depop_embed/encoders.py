@@ -120,7 +120,7 @@ def _autocast_dtype(precision: str, device: str):
     import torch
 
     if device == "cpu" or precision == "fp32":
-        return None  # CPU autocast changes results and rarely wins for these models; see bench/
+        return None  # the CPU path stays fp32: autocast there changes the vectors
     if precision == "fp16":
         return torch.float16
     if precision == "bf16" or torch.cuda.is_bf16_supported():

@@ -79,7 +79,10 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
     # A runtime SQL setting, so it applies to an existing (Databricks) session too.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.encode.arrow_batch_size))
     seconds: dict[str, float] = {}
-    log.info("run %s: model %s, %s engine, tables under %s", run_id, mid, engine, cfg.output.location)
+    log.info(
+        "run %s: model %s, %s engine, tables under %s, Spark master %s",
+        run_id, mid, engine, cfg.output.location, spark.sparkContext.master,
+    )
 
     src = None
     try:

@@ -22,13 +22,13 @@ def get_spark(cfg: Config):
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    from pyspark import SparkConf
-
     # pyspark takes the workers' interpreter from PYSPARK_PYTHON alone (spark.pyspark.python is read
     # by spark-submit); without it they run a system python3 that lacks pandas and torch.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(cfg.spark.app_name)
-    if not SparkConf().contains("spark.master"):  # spark-submit sets the master; keep it
+    # Under spark-submit the JVM is already up (its gateway port is in the environment) with the
+    # master given on the command line; only a plain `python` run takes the master from config.
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(cfg.spark.master)
     settings = {
         "spark.pyspark.python": sys.executable,

@@ -79,22 +79,12 @@ def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.Data
     """mapInPandas function: (listing_id, image_id, position, uri) -> IMAGE_OUTPUT_SCHEMA rows."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        encoder = worker_encoder(settings, stats)
         with ThreadPoolExecutor(settings.decode_threads) as pool:
             for frame in frames:
                 for batch in _batches(frame, settings.image_batch_size):
-                    loaded = list(pool.map(lambda uri: _load_photo(uri, encoder, settings.max_image_pixels), batch["uri"]))
-                    ok = [i for i, (_, pixels, _) in enumerate(loaded) if pixels is not None]
-                    vectors, errors = _encode_rows(
-                        lambda idx: encoder.encode_images(_stack([loaded[i][1] for i in idx])), ok, len(batch)
-                    )
-                    for i, (_, _, error) in enumerate(loaded):
-                        errors[i] = errors[i] or error
-                    stats.add({"image_batches": 1, "images": len(batch), "image_errors": sum(e is not None for e in errors)})
-                    yield _output(batch[["listing_id", "image_id", "position"]], vectors, errors).assign(
-                        image_uri=batch["uri"].to_numpy(),
-                        content_hash=[digest for digest, _, _ in loaded],
-                    )
+                    out = _encode_image_batch(batch, worker_encoder(settings, stats), pool, settings.max_image_pixels)
+                    stats.add({"image_batches": 1, "images": len(out), "image_errors": int((out["status"] == "error").sum())})
+                    yield out
 
     return run
 
@@ -103,19 +93,35 @@ def encode_texts(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataF
     """mapInPandas function: (listing_id, text, text_hash, template_version) -> TEXT_OUTPUT_SCHEMA rows."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        encoder = worker_encoder(settings, stats)
         for frame in frames:
             for batch in _batches(frame, settings.text_batch_size):
-                texts = batch["text"].fillna("").tolist()
-                ok = [i for i, text in enumerate(texts) if text]
-                vectors, errors = _encode_rows(lambda idx: encoder.encode_texts([texts[i] for i in idx]), ok, len(batch))
-                for i, text in enumerate(texts):
-                    if not text:
-                        errors[i] = "empty_text: no listing field has text"
-                stats.add({"text_batches": 1, "texts": len(batch), "text_errors": sum(e is not None for e in errors)})
-                yield _output(batch[["listing_id", "text", "text_hash", "template_version"]], vectors, errors)
+                out = _encode_text_batch(batch, worker_encoder(settings, stats))
+                stats.add({"text_batches": 1, "texts": len(out), "text_errors": int((out["status"] == "error").sum())})
+                yield out
 
     return run
+
+
+def _encode_image_batch(batch: pd.DataFrame, encoder, pool: ThreadPoolExecutor, max_pixels: int) -> pd.DataFrame:
+    # Decoding runs in threads: Pillow releases the GIL while it decodes.
+    loaded = list(pool.map(lambda uri: _load_photo(uri, encoder, max_pixels), batch["uri"]))
+    decoded = [i for i, (_, pixels, _) in enumerate(loaded) if pixels is not None]
+    vectors, errors = _encode_rows(
+        lambda rows: encoder.encode_images(_stack([loaded[i][1] for i in rows])), decoded, len(batch)
+    )
+    errors = [encode_error or load_error for encode_error, (_, _, load_error) in zip(errors, loaded)]
+    return _output(batch[["listing_id", "image_id", "position"]], vectors, errors).assign(
+        image_uri=batch["uri"].to_numpy(),
+        content_hash=[digest for digest, _, _ in loaded],
+    )
+
+
+def _encode_text_batch(batch: pd.DataFrame, encoder) -> pd.DataFrame:
+    texts = batch["text"].fillna("").tolist()
+    non_empty = [i for i, text in enumerate(texts) if text]
+    vectors, errors = _encode_rows(lambda rows: encoder.encode_texts([texts[i] for i in rows]), non_empty, len(batch))
+    errors = [error if text else "empty_text: no listing field has text" for error, text in zip(errors, texts)]
+    return _output(batch[["listing_id", "text", "text_hash", "template_version"]], vectors, errors)
 
 
 def _batches(frame: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:

@@ -39,7 +39,7 @@ def test_spark_submit_runs_the_job_end_to_end(tmp_path: Path):
     catalogue = write_catalogue(tmp_path / "src", n_listings=6, seed=11)
     spark_submit = str(Path(sys.executable).parent / "spark-submit")
     result = run_job(
-        [spark_submit, "--master", "local[2]"],
+        [spark_submit, "--master", "local[1]"],
         "--set", f"listings.path={catalogue.listings_path}",
         "--set", f"images.path={catalogue.images_path}",
         "--set", f"output.location={tmp_path / 'tables'}",
@@ -47,6 +47,8 @@ def test_spark_submit_runs_the_job_end_to_end(tmp_path: Path):
         "--set", f"model.config_path={TINY_MODEL}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # spark-submit's master wins over conf's local[*]; spark-submit sends the driver's logs to stdout.
+    assert "Spark master local[1]" in result.stdout + result.stderr
     summary = result.stdout
     assert f"listing_image_embeddings: {catalogue.n_photos} rows written (0 errors)" in summary
     assert f"listing_text_embeddings: {catalogue.n_listings} rows written" in summary

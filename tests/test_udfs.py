@@ -3,7 +3,12 @@
 import numpy as np
 import pandas as pd
 
-from depop_embed.udfs import CounterParam, _batches, _encode_rows
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+
+from depop_embed.udfs import CounterParam, _batches, _encode_image_batch, _encode_rows, _encode_text_batch
 
 
 def fake_model(bad_rows=(), nan_rows=()):
@@ -47,3 +52,40 @@ def test_counters_merge_nested_dicts():
     param.addInPlace(total, {"model_loads": 1, "model_loads_by_worker": {"11": 1}})
     param.addInPlace(total, {"model_loads": 1, "model_loads_by_worker": {"12": 1}, "images": 8})
     assert total == {"model_loads": 2, "model_loads_by_worker": {"11": 1, "12": 1}, "images": 8}
+
+
+class FakeEncoder:
+    """The Encoder interface over numpy: a photo's vector is its mean colour, a text's its length."""
+
+    def preprocess(self, image):
+        return torch.tensor(np.asarray(image, dtype=np.float32).mean(axis=(0, 1)))
+
+    def encode_images(self, pixels):
+        return torch.nn.functional.normalize(pixels, dim=-1).numpy()
+
+    def encode_texts(self, texts):
+        return np.array([[1.0, len(t)] for t in texts], dtype=np.float32) / np.hypot(1.0, [len(t) for t in texts])[:, None]
+
+
+def test_image_batch_keeps_good_rows_and_explains_bad_ones(tmp_path):
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.jpg", quality=100)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    uris = [str(tmp_path / "red.jpg"), str(tmp_path / "missing.jpg"), str(tmp_path / "broken.jpg")]
+    batch = pd.DataFrame({"listing_id": ["A", "B", "C"], "image_id": ["a", "b", "c"], "position": [0, 0, 1], "uri": uris})
+    with ThreadPoolExecutor(2) as pool:
+        out = _encode_image_batch(batch, FakeEncoder(), pool, max_pixels=10_000)
+    assert out["status"].tolist() == ["ok", "error", "error"]
+    assert out["error"][0] is None and out["error"][1].startswith("missing:") and out["error"][2].startswith("corrupt:")
+    np.testing.assert_allclose(out["embedding"][0], [1.0, 0.0, 0.0], atol=0.01)
+    assert out["embedding"][1] is None and out["embedding"][2] is None
+    assert len(out["content_hash"][0]) == 64 and out["content_hash"][1] is None and len(out["content_hash"][2]) == 64
+    assert out["image_uri"].tolist() == uris
+
+
+def test_text_batch_marks_empty_texts_and_encodes_the_rest():
+    batch = pd.DataFrame({"listing_id": ["A", "B", "C"], "text": ["abc", "", None], "text_hash": ["h1", "h2", "h3"], "template_version": "v1"})
+    out = _encode_text_batch(batch, FakeEncoder())
+    assert out["status"].tolist() == ["ok", "error", "error"]
+    assert out["error"][1] == out["error"][2] == "empty_text: no listing field has text"
+    np.testing.assert_allclose(out["embedding"][0], np.array([1.0, 3.0]) / np.hypot(1, 3), rtol=1e-6)
+    assert out["text_hash"].tolist() == ["h1", "h2", "h3"]
