@@ -41,6 +41,10 @@ class ConfigError(ValueError):
 class SourceConfig:
     path: str = ""
     format: str = "json"
+
+
+@dataclass(frozen=True)
+class ImageSourceConfig(SourceConfig):
     # Relative photo URIs resolve against this folder; empty means the folder that holds `path`.
     uri_root: str = ""
 
@@ -115,7 +119,7 @@ class SparkConfig:
 @dataclass(frozen=True)
 class Config:
     listings: SourceConfig = field(default_factory=SourceConfig)
-    images: SourceConfig = field(default_factory=SourceConfig)
+    images: ImageSourceConfig = field(default_factory=ImageSourceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
@@ -147,11 +151,6 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """The resolved config as plain data (for logs and run records)."""
-    return dataclasses.asdict(cfg)
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

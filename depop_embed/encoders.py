@@ -45,7 +45,6 @@ class Encoder:
     tokenizer: Any
     device: str
     autocast_dtype: Any  # torch dtype, or None for plain fp32
-    model_id: str
 
     def encode_images(self, pixels: Any) -> np.ndarray:
         """A (N, 3, H, W) tensor from `preprocess` -> (N, dim) normalised float32."""
@@ -95,7 +94,6 @@ def build_encoder(cfg: ModelConfig, device: str | None = None) -> Encoder:
         tokenizer=open_clip.get_tokenizer(cfg.name),
         device=device,
         autocast_dtype=_autocast_dtype(cfg.precision, device),
-        model_id=model_id(cfg),
     )
 
 

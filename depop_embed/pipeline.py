@@ -38,6 +38,17 @@ class RunFailed(RuntimeError):
 
 
 @dataclass
+class Staged:
+    """A table's rows for this run, written once to Parquet and profiled in one pass."""
+
+    df: DataFrame
+    path: str
+    rows: int
+    errors: int  # rows with status = 'error'
+    wrong_dims: int  # rows holding a vector whose length is not the model's dimension
+
+
+@dataclass
 class TableResult:
     location: str
     rows: int
@@ -58,10 +69,12 @@ class RunSummary:
         lines = [f"run {self.run_id}: model {self.model_id}, {self.engine} engine, {self.seconds.get('total', 0):.1f}s"]
         for name, t in self.tables.items():
             lines.append(f"  {name}: {t.rows} rows written ({t.errors} errors) -> {t.location} (version {t.version})")
-        for kind in ("images", "texts"):
-            secs = self.seconds.get(kind, 0.0)
-            rate = self.stats.get(kind, 0) / secs if secs else 0.0
-            lines.append(f"  encoded {self.stats.get(kind, 0)} {kind} in {secs:.1f}s ({rate:.1f}/s)")
+        for kind, batches in (("images", "image_batches"), ("texts", "text_batches")):
+            rows, secs = self.stats.get(kind, 0), self.seconds.get(kind, 0.0)
+            rate = rows / secs if secs else 0.0
+            lines.append(
+                f"  encoded {rows} {kind} in {self.stats.get(batches, 0)} batches, {secs:.1f}s ({rate:.1f}/s)"
+            )
         return "\n".join(lines)
 
 
@@ -72,6 +85,7 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
     engine = resolve_engine(spark, cfg)
     writer = _writer(spark, cfg, engine)
     mid = encoders.model_id(cfg.model)
+    dim = encoders.embedding_dim(cfg.model)
     staging = f"{cfg.staging_path.rstrip('/')}/{run_id}"
     stats = spark.sparkContext.accumulator({}, CounterParam())
     settings = _encode_settings(spark, cfg)
@@ -108,26 +122,24 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
             .select("*", *_stamp(mid, embedded_at, "embedded_at"))
         )
         staged = {
-            TEXT_TABLE.name: _stage(spark, texts, f"{staging}/{TEXT_TABLE.name}", "texts", seconds, stats),
-            IMAGE_TABLE.name: _stage(spark, images, f"{staging}/{IMAGE_TABLE.name}", "images", seconds, stats),
+            TEXT_TABLE.name: _stage(spark, texts, f"{staging}/{TEXT_TABLE.name}", "texts", dim, seconds),
+            IMAGE_TABLE.name: _stage(spark, images, f"{staging}/{IMAGE_TABLE.name}", "images", dim, seconds),
         }
-        counts = {name: _status_counts(df) for name, df in staged.items()}
-        check_error_rates(staged, counts, cfg.thresholds.max_error_rate)
-        check_dimensions(staged, encoders.embedding_dim(cfg.model))
+        check_error_rates(staged, cfg.thresholds.max_error_rate)
 
         listings = fusion.fuse(
-            src.listings, staged[TEXT_TABLE.name], staged[IMAGE_TABLE.name], cfg.fusion.image_weight
+            src.listings, staged[TEXT_TABLE.name].df, staged[IMAGE_TABLE.name].df, cfg.fusion.image_weight
         ).select("*", *_stamp(mid, embedded_at, "updated_at"))
-        staged[LISTING_TABLE.name] = _stage(spark, listings, f"{staging}/{LISTING_TABLE.name}", "listings", seconds, stats)
-        counts[LISTING_TABLE.name] = (staged[LISTING_TABLE.name].count(), 0)
+        staged[LISTING_TABLE.name] = _stage(spark, listings, f"{staging}/{LISTING_TABLE.name}", "listings", dim, seconds)
+        check_dimensions(staged, dim)
 
         commit_info = {"depop_embed.run_id": run_id, "depop_embed.model_id": mid, "depop_embed.version": __version__}
         results = {}
         commit_started = time.monotonic()
         for spec in (IMAGE_TABLE, TEXT_TABLE, LISTING_TABLE):
-            writer.merge(spec, f"{staging}/{spec.name}", commit_info)
-            rows, errors = counts[spec.name]
-            results[spec.name] = TableResult(writer.location(spec), rows, errors, writer.version(spec))
+            table = staged[spec.name]
+            writer.merge(spec, table.path, commit_info)
+            results[spec.name] = TableResult(writer.location(spec), table.rows, table.errors, writer.version(spec))
         seconds["commit"] = time.monotonic() - commit_started
     finally:
         _remove(spark, staging)
@@ -139,25 +151,23 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
     return summary
 
 
-def check_error_rates(staged: dict[str, DataFrame], counts: dict[str, tuple[int, int]], max_rate: float) -> None:
+def check_error_rates(staged: dict[str, Staged], max_rate: float) -> None:
     """Fail the run (before any commit) when a table's share of error rows is over the threshold."""
-    breaches = []
-    for name, (rows, errors) in counts.items():
-        if rows and errors / rows > max_rate:
-            breaches.append(
-                f"{name}: error rate {errors / rows:.1%} ({errors} of {rows} rows) is over "
-                f"thresholds.max_error_rate {max_rate:.1%}; most common: {_top_reasons(staged[name])}"
-            )
+    breaches = [
+        f"{name}: error rate {t.errors / t.rows:.1%} ({t.errors} of {t.rows} rows) is over "
+        f"thresholds.max_error_rate {max_rate:.1%}; most common: {_top_reasons(t.df)}"
+        for name, t in staged.items()
+        if t.rows and t.errors / t.rows > max_rate
+    ]
     if breaches:
         raise RunFailed("quality gate failed, nothing committed:\n  " + "\n  ".join(breaches))
 
 
-def check_dimensions(staged: dict[str, DataFrame], dim: int) -> None:
-    """Every ok vector must have the architecture's dimension (a mismatched checkpoint would not)."""
-    for name, df in staged.items():
-        wrong = df.where((F.col("status") == "ok") & (F.size("embedding") != dim)).count()
-        if wrong:
-            raise RunFailed(f"quality gate failed, nothing committed: {name}: {wrong} vectors are not {dim}-d")
+def check_dimensions(staged: dict[str, Staged], dim: int) -> None:
+    """Every vector must have the architecture's dimension (a mismatched checkpoint would not)."""
+    for name, t in staged.items():
+        if t.wrong_dims:
+            raise RunFailed(f"quality gate failed, nothing committed: {name}: {t.wrong_dims} rows hold vectors that are not {dim}-d")
 
 
 def _top_reasons(df: DataFrame, limit: int = 3) -> str:
@@ -173,19 +183,23 @@ def _top_reasons(df: DataFrame, limit: int = 3) -> str:
     return "; ".join(f"{r['reason']} x{r['n']} (e.g. {', '.join(r['examples'])})" for r in rows)
 
 
-def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, seconds: dict[str, float], stats) -> DataFrame:
-    """Run `df` once into Parquet at `path` and read it back: what follows never re-encodes."""
+def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, dim: int, seconds: dict[str, float]) -> Staged:
+    """Run `df` once into Parquet at `path` and read it back (what follows never re-encodes); profile it."""
     started = time.monotonic()
     df.write.mode("overwrite").parquet(path)
     staged = spark.read.parquet(path)
     elapsed = seconds[what] = time.monotonic() - started
-    rows = staged.count()
-    batches = stats.value.get(f"{what[:-1]}_batches")
-    log.info(
-        "%s: %d rows%s in %.1fs (%.1f rows/s)",
-        what, rows, f" in {batches} batches" if batches else "", elapsed, rows / elapsed if elapsed else 0.0,
-    )
-    return staged
+    is_error = F.col("status") == "error" if "status" in staged.columns else F.lit(False)
+    wrong_dim = F.lit(False)
+    for column in (c for c in staged.columns if c.endswith("embedding")):
+        wrong_dim = wrong_dim | (F.col(column).isNotNull() & (F.size(column) != dim))
+    profile = staged.agg(
+        F.count("*").alias("rows"),
+        F.count(F.when(is_error, 1)).alias("errors"),
+        F.count(F.when(wrong_dim, 1)).alias("wrong_dims"),
+    ).first()
+    log.info("%s: %d rows in %.1fs (%.1f rows/s)", what, profile["rows"], elapsed, profile["rows"] / elapsed if elapsed else 0.0)
+    return Staged(staged, path, int(profile["rows"]), int(profile["errors"]), int(profile["wrong_dims"]))
 
 
 def _encode_settings(spark: SparkSession, cfg: Config) -> EncodeSettings:
@@ -201,11 +215,6 @@ def _encode_settings(spark: SparkSession, cfg: Config) -> EncodeSettings:
 
 def _stamp(model_id: str, at: datetime, time_column: str) -> list:
     return [F.lit(model_id).alias("model_id"), F.lit(at).cast("timestamp").alias(time_column)]
-
-
-def _status_counts(df: DataFrame) -> tuple[int, int]:
-    row = df.agg(F.count("*").alias("rows"), F.count(F.when(F.col("status") == "error", 1)).alias("errors")).first()
-    return int(row["rows"]), int(row["errors"])
 
 
 def _writer(spark: SparkSession, cfg: Config, engine: str) -> TableWriter:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from depop_embed.config import IMAGE_COLUMNS, LISTING_COLUMNS, Config, SourceConfig
+from depop_embed.config import IMAGE_COLUMNS, LISTING_COLUMNS, Config, ImageSourceConfig, SourceConfig
 
 _LISTING_TYPES = {"listing_id": "string", "price": "double", "updated_at": "timestamp"}
 _IMAGE_TYPES = {"listing_id": "string", "image_id": "string", "position": "int", "uri": "string", "updated_at": "timestamp"}
@@ -59,7 +59,7 @@ def latest_per_key(df: DataFrame, key: list[str]) -> DataFrame:
     )
 
 
-def uri_root(src: SourceConfig) -> str:
+def uri_root(src: ImageSourceConfig) -> str:
     """Where relative photo URIs point: `uri_root`, else the folder that holds the photo table."""
     if src.uri_root:
         return src.uri_root.rstrip("/")

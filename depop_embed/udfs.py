@@ -79,10 +79,12 @@ def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.Data
     """mapInPandas function: (listing_id, image_id, position, uri) -> IMAGE_OUTPUT_SCHEMA rows."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        encoder = None  # fetched on the first batch, so an empty partition builds nothing
         with ThreadPoolExecutor(settings.decode_threads) as pool:
             for frame in frames:
                 for batch in _batches(frame, settings.image_batch_size):
-                    out = _encode_image_batch(batch, worker_encoder(settings, stats), pool, settings.max_image_pixels)
+                    encoder = encoder or worker_encoder(settings, stats)
+                    out = _encode_image_batch(batch, encoder, pool, settings.max_image_pixels)
                     stats.add({"image_batches": 1, "images": len(out), "image_errors": int((out["status"] == "error").sum())})
                     yield out
 
@@ -93,9 +95,11 @@ def encode_texts(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataF
     """mapInPandas function: (listing_id, text, text_hash, template_version) -> TEXT_OUTPUT_SCHEMA rows."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        encoder = None
         for frame in frames:
             for batch in _batches(frame, settings.text_batch_size):
-                out = _encode_text_batch(batch, worker_encoder(settings, stats))
+                encoder = encoder or worker_encoder(settings, stats)
+                out = _encode_text_batch(batch, encoder)
                 stats.add({"text_batches": 1, "texts": len(out), "text_errors": int((out["status"] == "error").sum())})
                 yield out
 

@@ -53,6 +53,7 @@ def test_catalog_location_needs_spark_and_staging():
     [
         ("nope.x=1", "nope: unknown key"),
         ("model.colour=red", "model.colour: unknown key"),
+        ("listings.uri_root=/photos", "listings.uri_root: unknown key"),  # only photos have URIs
         ("model.seed=abc", "model.seed: expected int"),
         ("encode.image_batch_size=true", "encode.image_batch_size: expected int"),
         ("encode.image_batch_size=0", "encode.image_batch_size: must be >= 1"),

@@ -244,11 +244,19 @@ def test_a_source_missing_a_contract_column_fails_naming_it(spark, tmp_path):
         pipeline.run(spark, cfg)
 
 
-def test_the_gate_refuses_vectors_of_the_wrong_dimension(spark):
-    staged = spark.createDataFrame(
+def test_the_gate_refuses_vectors_of_the_wrong_dimension(spark, tmp_path):
+    rows = spark.createDataFrame(
         [("L1", [1.0, 0.0, 0.0, 0.0], "ok"), ("L2", [1.0, 0.0, 0.0], "ok"), ("L3", None, "error")],
         "listing_id string, embedding array<float>, status string",
     )
-    pipeline.check_dimensions({"listing_text_embeddings": staged.where("listing_id != 'L2'")}, 4)
-    with pytest.raises(pipeline.RunFailed, match="listing_text_embeddings: 1 vectors are not 4-d"):
-        pipeline.check_dimensions({"listing_text_embeddings": staged}, 4)
+    good = pipeline._stage(spark, rows.where("listing_id != 'L2'"), str(tmp_path / "good"), "texts", 4, {})
+    assert (good.rows, good.errors, good.wrong_dims) == (2, 1, 0)
+    pipeline.check_dimensions({"listing_text_embeddings": good}, 4)
+    bad = pipeline._stage(spark, rows, str(tmp_path / "bad"), "texts", 4, {})
+    assert (bad.rows, bad.errors, bad.wrong_dims) == (3, 1, 1)
+    with pytest.raises(pipeline.RunFailed, match="listing_text_embeddings: 1 rows hold vectors that are not 4-d"):
+        pipeline.check_dimensions({"listing_text_embeddings": bad}, 4)
+    # In the fused table any of the three vector columns counts.
+    fused = spark.createDataFrame([("L1", [1.0, 0.0, 0.0, 0.0], None, [1.0, 0.0])], "listing_id string, image_embedding array<float>, text_embedding array<float>, multimodal_embedding array<float>")
+    staged = pipeline._stage(spark, fused, str(tmp_path / "fused"), "listings", 4, {})
+    assert (staged.rows, staged.errors, staged.wrong_dims) == (1, 0, 1)
