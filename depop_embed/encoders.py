@@ -2,7 +2,8 @@
 
 `model_id` names exactly which weights produced a vector, and is computed on the driver without
 building the model. `Encoder` wraps a built model with its own preprocess transform and tokenizer and
-returns L2-normalised float32 vectors.
+returns L2-normalised float32 vectors. Texts run through the text tower in buckets of similar token
+length, each only as long as its longest text needs (see `_TextCut`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from depop_embed.config import ModelConfig
+
+TEXT_BUCKET = 8  # token lengths are rounded up to this to group texts: at most 7 wasted positions each
 
 
 def model_id(cfg: ModelConfig) -> str:
@@ -45,6 +48,8 @@ class Encoder:
     tokenizer: Any
     device: str
     autocast_dtype: Any  # torch dtype, or None for plain fp32
+    image_side: int  # the longer side of the model's input image, in pixels
+    text_cut: _TextCut | None = None  # None: every text runs over the whole context length
 
     def encode_images(self, pixels: Any) -> np.ndarray:
         """A (N, 3, H, W) tensor from `preprocess` -> (N, dim) normalised float32."""
@@ -60,8 +65,27 @@ class Encoder:
 
         tokens = self.tokenizer(list(texts))
         with torch.inference_mode(), self._autocast():
-            features = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+            if self.text_cut is None or not len(tokens):
+                features = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+            else:
+                features = self._encode_text_buckets(tokens)
         return _normalised(features)
+
+    def _encode_text_buckets(self, tokens: Any) -> Any:
+        """Texts whose needed lengths round up to the same multiple of 8 run together, cut to their
+        longest; results go back to the input order."""
+        needed = self.text_cut.needed_lengths(tokens)
+        buckets = (needed + TEXT_BUCKET - 1) // TEXT_BUCKET
+        features = None
+        for bucket in buckets.unique().tolist():
+            rows = (buckets == bucket).nonzero().squeeze(1)
+            length = int(needed[rows].max())
+            with self.text_cut.positions(length):
+                out = self.model.encode_text(tokens[rows, :length].to(self.device, non_blocking=True))
+            if features is None:
+                features = out.new_empty((len(tokens), out.shape[1]))
+            features[rows.to(out.device)] = out
+        return features
 
     def _autocast(self):
         import torch
@@ -94,7 +118,60 @@ def build_encoder(cfg: ModelConfig, device: str | None = None) -> Encoder:
         tokenizer=open_clip.get_tokenizer(cfg.name),
         device=device,
         autocast_dtype=_autocast_dtype(cfg.precision, device),
+        image_side=_image_side(model),
+        text_cut=_TextCut.of(model),
     )
+
+
+@dataclass(frozen=True)
+class _TextCut:
+    """How to run a causal text tower over fewer than its context length of positions.
+
+    With a causal mask, position p sees only positions up to p, so the vector pooled at the
+    end-of-text token does not depend on the padding after it: a pass over the first `eot + 1`
+    positions gives the same vector. open_clip 3.3.0 does not take shorter token tensors itself:
+    `CLIP.encode_text` adds the whole position table and passes the whole causal mask, and
+    `TextTransformer` cuts the position table but not the mask. `positions` cuts both on the
+    tower for the duration of a pass, so the pass is still open_clip's own code. Towers where
+    this would change the vector (no causal mask, pooling at the last position, an appended
+    class token) or that are not open_clip's (Hugging Face) get no `_TextCut` and run in full.
+    """
+
+    tower: Any  # the module holding `positional_embedding` and `attn_mask`
+    pool_type: str  # "argmax" (the EOT token has the highest id) or "eos"
+    eos_id: int | None
+
+    @classmethod
+    def of(cls, model: Any) -> _TextCut | None:
+        from open_clip import CLIP
+        from open_clip.transformer import TextTransformer
+
+        if isinstance(model, CLIP):
+            tower, pool_type, eos_id = model, model.text_pool_type, model.text_eos_id
+        elif isinstance(getattr(model, "text", None), TextTransformer) and model.text.cls_emb is None:
+            tower, pool_type, eos_id = model.text, model.text.pool_type, model.text.eos_id
+        else:
+            return None
+        if tower.attn_mask is None or pool_type not in ("argmax", "eos"):
+            return None
+        return cls(tower, pool_type, eos_id)
+
+    def needed_lengths(self, tokens: Any) -> Any:
+        """Per text, the positions up to and including the one the tower pools at."""
+        pooled = tokens.argmax(dim=-1) if self.pool_type == "argmax" else (tokens == self.eos_id).int().argmax(dim=-1)
+        return pooled + 1
+
+    @contextlib.contextmanager
+    def positions(self, length: int):
+        import torch
+
+        table, mask = self.tower.positional_embedding, self.tower.attn_mask
+        try:
+            self.tower.positional_embedding = torch.nn.Parameter(table[:length], requires_grad=False)
+            self.tower.attn_mask = mask[:length, :length]
+            yield
+        finally:
+            self.tower.positional_embedding, self.tower.attn_mask = table, mask
 
 
 def resolve_device(requested: str, gpu_address: str | None = None) -> str:
@@ -112,6 +189,13 @@ def save_checkpoint(model: Any, path: str | Path) -> None:
     from safetensors.torch import save_model
 
     save_model(model, str(path))
+
+
+def _image_side(model: Any) -> int:
+    import open_clip
+
+    size = open_clip.get_model_preprocess_cfg(model)["size"]
+    return max(size) if isinstance(size, (tuple, list)) else int(size)
 
 
 def _autocast_dtype(precision: str, device: str):

@@ -3,7 +3,8 @@
 A photo that cannot be read or decoded raises `PhotoError` with a short reason code, which the encoder
 turns into an error row; it never takes the batch down. Decoded size is capped before pixels are
 decoded (decompression bombs): JPEGs above the cap are decoded at a reduced scale (draft mode), other
-formats are refused.
+formats are refused. Draft mode also serves speed: a JPEG much larger than the model's input can be
+decoded at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT, far cheaper than a full decode and resize).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import warnings
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, ImageOps
+
+# A draft-decoded JPEG keeps both sides at least this many times the model's input side, so the
+# bicubic resize that follows still averages several source pixels per output pixel. Measured on the
+# sample catalogue with ViT-B-32: cosine to the full decode >= 0.99995 at 1.4x, down to 0.9998 at 1x.
+DRAFT_MARGIN = 1.4
 
 
 class PhotoError(Exception):
@@ -46,15 +52,19 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> an RGB image as a phone shows it (EXIF orientation applied, transparency on white)."""
+def decode(data: bytes, max_pixels: int, input_side: int = 0) -> Image.Image:
+    """Bytes -> an RGB image as a phone shows it (EXIF orientation applied, transparency on white).
+
+    With `input_side` (the model's input size), a JPEG is decoded at the smallest draft scale that
+    keeps both its sides at least `DRAFT_MARGIN * input_side`.
+    """
     if not data:
         raise PhotoError("empty", "zero-byte file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            _limit_pixels(image, max_pixels)
+            _reduce(image, max_pixels, math.ceil(DRAFT_MARGIN * input_side))
             image.load()
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
@@ -68,18 +78,20 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise PhotoError("corrupt", f"{type(exc).__name__}: {exc}") from exc
 
 
-def _limit_pixels(image: Image.Image, max_pixels: int) -> None:
+def _reduce(image: Image.Image, max_pixels: int, min_side: int) -> None:
+    """Pick the JPEG draft scale (draft() can be set once): what the cap needs, else `min_side`."""
     width, height = image.size
-    if width * height <= max_pixels:
-        return
     if image.format == "JPEG":
-        # draft() decodes at 1/2, 1/4 or 1/8 scale, the smallest reduction that stays at or above the
-        # requested size; ask for the power-of-two reduction that brings the pixels under the cap.
-        scale = 2 ** math.ceil(math.log2((width * height / max_pixels) ** 0.5))
-        image.draft("RGB", (width // scale, height // scale))
-        if image.size[0] * image.size[1] <= max_pixels:
-            return
-    raise PhotoError("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
+        # draft() decodes at 1/2, 1/4 or 1/8 scale, the largest reduction that keeps both sides at or
+        # above the requested size.
+        if width * height > max_pixels:
+            # The power-of-two reduction that brings the pixels under the cap.
+            scale = 2 ** math.ceil(math.log2((width * height / max_pixels) ** 0.5))
+            image.draft("RGB", (width // scale, height // scale))
+        elif min_side:
+            image.draft("RGB", (min_side, min_side))
+    if image.size[0] * image.size[1] > max_pixels:
+        raise PhotoError("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

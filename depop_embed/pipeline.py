@@ -210,6 +210,7 @@ def _encode_settings(spark: SparkSession, cfg: Config) -> EncodeSettings:
         torch_threads=cfg.encode.torch_threads or int(spark.conf.get("spark.task.cpus", "1")),
         decode_threads=cfg.encode.decode_threads,
         max_image_pixels=cfg.encode.max_image_pixels,
+        jpeg_draft=cfg.encode.jpeg_draft,
     )
 
 

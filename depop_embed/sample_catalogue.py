@@ -48,23 +48,34 @@ def write_catalogue(
     seed: int = 7,
     max_photos: int = 4,
     photo_size: tuple[int, int] | None = None,
+    photo_kinds: tuple = PHOTO_KINDS,
+    max_photo_files: int | None = None,
 ) -> Catalogue:
-    """Write listings.jsonl, listing_images.jsonl and photos/ under `out`; same arguments, same bytes."""
+    """Write listings.jsonl, listing_images.jsonl and photos/ under `out`; same arguments, same bytes.
+
+    `photo_size` and `photo_kinds` pin what photos are drawn (benchmarks: 800x1000 RGB JPEGs only).
+    `max_photo_files` caps the photo files drawn; later photo rows point at those files in turn, so a
+    catalogue of many listings costs little to write.
+    """
     rng = random.Random(seed)
     out = Path(out)
     (out / "photos").mkdir(parents=True, exist_ok=True)
-    listings, images = [], []
+    listings, images, files = [], [], []
     for n in range(n_listings):
         listing = _listing(rng, n)
         listings.append(listing)
         # Every 40th listing has no photo, so a catalogue of 200 has at least 5 of them.
         count = 0 if n % 40 == 7 else rng.randint(1, max_photos)
         for position in range(count):
-            fmt, mode = _weighted(rng, PHOTO_KINDS)
-            size = photo_size or _weighted(rng, PHOTO_SIZES)
-            name = f"photos/{listing['listing_id']}_{position + 1}.{'jpg' if fmt == 'JPEG' else 'png'}"
-            image, garment = _photo(rng, listing, size)
-            _save(image, garment, out / name, fmt, mode)
+            if max_photo_files is not None and len(files) >= max_photo_files:
+                name = files[len(images) % max_photo_files]
+            else:
+                fmt, mode = _weighted(rng, photo_kinds)
+                size = photo_size or _weighted(rng, PHOTO_SIZES)
+                name = f"photos/{listing['listing_id']}_{position + 1}.{'jpg' if fmt == 'JPEG' else 'png'}"
+                image, garment = _photo(rng, listing, size)
+                _save(image, garment, out / name, fmt, mode)
+                files.append(name)
             images.append({
                 "listing_id": listing["listing_id"],
                 "image_id": f"{listing['listing_id']}-{position + 1}",

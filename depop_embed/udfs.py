@@ -9,7 +9,7 @@ worker process, batches, rows) travel back to the driver in a Spark accumulator.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -55,6 +55,7 @@ class EncodeSettings:
     torch_threads: int
     decode_threads: int
     max_image_pixels: int
+    jpeg_draft: bool
 
 
 _ENCODERS: dict[tuple, Any] = {}
@@ -76,17 +77,27 @@ def worker_encoder(settings: EncodeSettings, stats) -> Any:
 
 
 def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """mapInPandas function: (listing_id, image_id, position, uri) -> IMAGE_OUTPUT_SCHEMA rows."""
+    """mapInPandas function: (listing_id, image_id, position, uri) -> IMAGE_OUTPUT_SCHEMA rows.
+
+    Photos are read and decoded in a thread pool one batch ahead: the next batch decodes while the
+    model encodes this one (Pillow and torch both release the GIL).
+    """
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         encoder = None  # fetched on the first batch, so an empty partition builds nothing
         with ThreadPoolExecutor(settings.decode_threads) as pool:
-            for frame in frames:
-                for batch in _batches(frame, settings.image_batch_size):
-                    encoder = encoder or worker_encoder(settings, stats)
-                    out = _encode_image_batch(batch, encoder, pool, settings.max_image_pixels)
-                    stats.add({"image_batches": 1, "images": len(out), "image_errors": int((out["status"] == "error").sum())})
-                    yield out
+
+            def start_loading(batch: pd.DataFrame) -> list[Future]:
+                nonlocal encoder
+                encoder = encoder or worker_encoder(settings, stats)
+                input_side = encoder.image_side if settings.jpeg_draft else 0
+                return _start_loading(batch, encoder.preprocess, pool, settings.max_image_pixels, input_side)
+
+            batches = (batch for frame in frames for batch in _batches(frame, settings.image_batch_size))
+            for batch, loading in _one_ahead(batches, start_loading):
+                out = _encode_image_batch(batch, encoder, loading)
+                stats.add({"image_batches": 1, "images": len(out), "image_errors": int((out["status"] == "error").sum())})
+                yield out
 
     return run
 
@@ -106,9 +117,12 @@ def encode_texts(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataF
     return run
 
 
-def _encode_image_batch(batch: pd.DataFrame, encoder, pool: ThreadPoolExecutor, max_pixels: int) -> pd.DataFrame:
-    # Decoding runs in threads: Pillow releases the GIL while it decodes.
-    loaded = list(pool.map(lambda uri: _load_photo(uri, encoder, max_pixels), batch["uri"]))
+def _start_loading(batch: pd.DataFrame, preprocess, pool: ThreadPoolExecutor, max_pixels: int, input_side: int) -> list[Future]:
+    return [pool.submit(_load_photo, uri, preprocess, max_pixels, input_side) for uri in batch["uri"]]
+
+
+def _encode_image_batch(batch: pd.DataFrame, encoder, loading: list[Future]) -> pd.DataFrame:
+    loaded = [future.result() for future in loading]
     decoded = [i for i, (_, pixels, _) in enumerate(loaded) if pixels is not None]
     vectors, errors = _encode_rows(
         lambda rows: encoder.encode_images(_stack([loaded[i][1] for i in rows])), decoded, len(batch)
@@ -133,7 +147,20 @@ def _batches(frame: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
         yield frame.iloc[start : start + size].reset_index(drop=True)
 
 
-def _load_photo(uri: str, encoder, max_pixels: int) -> tuple[str | None, Any, str | None]:
+def _one_ahead(items: Iterator[Any], start: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
+    """(item, start(item)) pairs, each handed out only once the next item's `start` has been called,
+    so whatever `start` sets going for the next item runs while the caller works on this one."""
+    pending = None
+    for item in items:
+        started = (item, start(item))
+        if pending is not None:
+            yield pending
+        pending = started
+    if pending is not None:
+        yield pending
+
+
+def _load_photo(uri: str, preprocess, max_pixels: int, input_side: int) -> tuple[str | None, Any, str | None]:
     """uri -> (content hash, preprocessed pixels, None) or (hash or None, None, error)."""
     from depop_embed import photos
 
@@ -141,7 +168,7 @@ def _load_photo(uri: str, encoder, max_pixels: int) -> tuple[str | None, Any, st
     try:
         data = photos.read_bytes(uri)
         digest = photos.content_hash(data)
-        return digest, encoder.preprocess(photos.decode(data, max_pixels)), None
+        return digest, preprocess(photos.decode(data, max_pixels, input_side)), None
     except PhotoError as exc:
         return digest, None, str(exc)
     except Exception as exc:  # a preprocess failure on a decodable image must not take the batch down

@@ -1,4 +1,8 @@
+import json
+from pathlib import Path
+
 import numpy as np
+import open_clip
 import pytest
 import torch
 
@@ -62,3 +66,85 @@ def test_pickled_objects_in_a_checkpoint_are_refused(tmp_path):
     torch.save({"state_dict": {}, "payload": object()}, path)  # needs pickle to load an arbitrary object
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         encoders.build_encoder(with_(seed=None, checkpoint=str(path)), "cpu")
+
+
+LISTING_TEXTS = [
+    "Nike black hoodie",
+    "Vintage Levi's 501 jeans W32 L32, great condition!!! Fits true to size",
+    "bag",
+    "Y2K pink baby tee ✨ #y2k #vintage",
+    "Carhartt jacket " * 30,  # longer than the context: the tokenizer truncates it at 77 tokens
+    "Dr. Martens 1460 boots, UK 6. Worn a handful of times, smoke-free home, fast shipping.",
+]
+
+
+def tiny_config(tmp_path, name: str, **text_cfg) -> ModelConfig:
+    """A variant of the tiny test model as its own open_clip config file."""
+    spec = json.loads(Path(TINY_MODEL).read_text())
+    spec["text_cfg"].update(text_cfg)
+    spec["custom_text"] = True  # a TextTransformer under `model.text` (the other text tower layout)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return ModelConfig(name=name, config_path=str(path), seed=0)
+
+
+def full_pass(encoder, texts) -> np.ndarray:
+    """open_clip's own encode_text over the whole 77-token context, as the reference."""
+    with torch.inference_mode():
+        features = encoder.model.encode_text(open_clip.get_tokenizer("ViT-B-32")(texts))
+    return torch.nn.functional.normalize(features, dim=-1).numpy()
+
+
+def sequence_lengths(module) -> list[int]:
+    """Records the number of positions of every pass through `module` (the text transformer)."""
+    seen: list[int] = []
+    module.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["clip", "custom_text"])
+def test_texts_run_only_over_the_positions_they_need_with_the_same_vectors(tmp_path, layout):
+    cfg = TINY if layout == "clip" else tiny_config(tmp_path, "tiny-custom-text")
+    encoder = encoders.build_encoder(cfg, "cpu")
+    assert encoder.text_cut is not None
+    transformer = encoder.model.transformer if layout == "clip" else encoder.model.text.transformer
+    reference = full_pass(encoder, LISTING_TEXTS)
+    lengths = sequence_lengths(transformer)
+    vectors = encoder.encode_texts(LISTING_TEXTS)
+    cosines = (vectors * reference).sum(axis=1)
+    assert cosines.min() >= 0.9999, cosines
+    # SOT + tokens + EOT, per text: "bag" needs 3 positions, the truncated text all 77.
+    needed = [len(_bpe(t)) + 2 for t in LISTING_TEXTS]
+    assert min(needed) == 3 and max(needed) == 77
+    buckets = {}
+    for n in needed:
+        buckets[(n + 7) // 8] = max(buckets.get((n + 7) // 8, 0), n)
+    assert sorted(lengths) == sorted(buckets.values())
+    assert sum(lengths) < 77 * len(lengths)
+
+
+def test_towers_where_cutting_would_change_the_vectors_run_in_full(tmp_path):
+    # Without a causal mask every position sees the padding; pooling at the last position reads it.
+    for cfg in (tiny_config(tmp_path, "tiny-bidirectional", no_causal_mask=True),
+                tiny_config(tmp_path, "tiny-last-pool", pool_type="last")):
+        encoder = encoders.build_encoder(cfg, "cpu")
+        assert encoder.text_cut is None
+        reference = full_pass(encoder, LISTING_TEXTS)
+        lengths = sequence_lengths(encoder.model.text.transformer)
+        np.testing.assert_allclose(encoder.encode_texts(LISTING_TEXTS), reference, atol=1e-6)
+        assert lengths == [77]
+
+
+def test_a_failed_pass_leaves_the_tower_whole():
+    encoder = encoders.build_encoder(TINY, "cpu")
+    table, mask = encoder.model.positional_embedding, encoder.model.attn_mask
+    with pytest.raises(RuntimeError, match="boom"):
+        with encoder.text_cut.positions(5):
+            assert encoder.model.positional_embedding.shape[0] == 5 and encoder.model.attn_mask.shape == (5, 5)
+            raise RuntimeError("boom")
+    assert encoder.model.positional_embedding is table and encoder.model.attn_mask is mask
+
+
+def _bpe(text: str) -> list[int]:
+    """The text's BPE ids, capped so that SOT + ids + EOT fit in 77 positions."""
+    return open_clip.tokenizer.SimpleTokenizer().encode(text)[:75]

@@ -81,3 +81,30 @@ def test_read_bytes_failures_have_reason_codes(tmp_path):
         read_bytes(str(tmp_path / "nope.jpg"))
     with pytest.raises(PhotoError, match="unsupported_uri"):
         read_bytes("nosuchscheme://bucket/key.jpg")
+
+
+@pytest.mark.parametrize(
+    "size, input_side, decoded",
+    [
+        ((800, 1000), 224, (400, 500)),  # 1/2 keeps 400 >= 1.4 * 224; 1/4 (200) would not
+        ((1080, 1350), 224, (540, 675)),  # 1/4 (270) is under 1.4 * 224
+        ((480, 600), 224, (480, 600)),  # too close to the input size for any reduction
+        ((800, 1000), 64, (100, 125)),  # a small model input: the full 1/8
+        ((800, 1000), 0, (800, 1000)),  # no input side: full decode
+    ],
+)
+def test_jpegs_are_draft_decoded_no_smaller_than_the_margin_over_the_input(size, input_side, decoded):
+    rgb = decode(encoded(Image.new("RGB", size, (90, 120, 30)), "JPEG"), 50_000_000, input_side)
+    assert rgb.size == decoded
+    assert min(rgb.size) >= 1.4 * input_side
+    assert rgb.getpixel((decoded[0] // 2, decoded[1] // 2)) == pytest.approx((90, 120, 30), abs=3)
+
+
+def test_pngs_are_never_reduced():
+    assert decode(encoded(Image.new("RGB", (800, 1000)), "PNG"), 50_000_000, 64).size == (800, 1000)
+
+
+def test_the_pixel_cap_wins_over_the_input_side():
+    data = encoded(Image.new("RGB", (4000, 3000), (1, 2, 3)), "JPEG")
+    rgb = decode(data, 1_000_000, input_side=1000)
+    assert rgb.size[0] * rgb.size[1] <= 1_000_000

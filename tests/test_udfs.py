@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from depop_embed.udfs import CounterParam, _batches, _encode_image_batch, _encode_rows, _encode_text_batch
+from depop_embed.udfs import (
+    CounterParam, _batches, _encode_image_batch, _encode_rows, _encode_text_batch, _one_ahead, _start_loading,
+)
 
 
 def fake_model(bad_rows=(), nan_rows=()):
@@ -46,6 +48,19 @@ def test_batches_cover_every_row_once_in_order():
     assert batches[1].index.tolist() == [0, 1, 2, 3]
 
 
+def test_the_next_item_is_started_before_this_one_is_handed_out():
+    events = []
+
+    def start(item):
+        events.append(f"start {item}")
+        return item * 10
+
+    for item, started in _one_ahead(iter([1, 2, 3]), start):
+        events.append(f"use {item}:{started}")
+    assert events == ["start 1", "start 2", "use 1:10", "start 3", "use 2:20", "use 3:30"]
+    assert list(_one_ahead(iter([]), start)) == []
+
+
 def test_counters_merge_nested_dicts():
     param = CounterParam()
     total = param.zero({})
@@ -72,8 +87,9 @@ def test_image_batch_keeps_good_rows_and_explains_bad_ones(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     uris = [str(tmp_path / "red.jpg"), str(tmp_path / "missing.jpg"), str(tmp_path / "broken.jpg")]
     batch = pd.DataFrame({"listing_id": ["A", "B", "C"], "image_id": ["a", "b", "c"], "position": [0, 0, 1], "uri": uris})
+    encoder = FakeEncoder()
     with ThreadPoolExecutor(2) as pool:
-        out = _encode_image_batch(batch, FakeEncoder(), pool, max_pixels=10_000)
+        out = _encode_image_batch(batch, encoder, _start_loading(batch, encoder.preprocess, pool, 10_000, input_side=0))
     assert out["status"].tolist() == ["ok", "error", "error"]
     assert out["error"][0] is None and out["error"][1].startswith("missing:") and out["error"][2].startswith("corrupt:")
     np.testing.assert_allclose(out["embedding"][0], [1.0, 0.0, 0.0], atol=0.01)
