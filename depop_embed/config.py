@@ -44,9 +44,20 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class FetchConfig:
+    """How photo bytes are read: every photo is capped at `max_bytes`; http(s) photos also time out and retry."""
+
+    timeout_s: float = 10.0  # per attempt, for connecting and for the whole body
+    retries: int = 2  # extra attempts after a transient failure (timeout, connection, 5xx, 429)
+    backoff_s: float = 0.5  # wait before retry n is backoff_s * 2**(n-1)
+    max_bytes: int = 25_000_000  # a photo file or response larger than this is refused (too_large)
+
+
+@dataclass(frozen=True)
 class ImageSourceConfig(SourceConfig):
     # Relative photo URIs resolve against this folder; empty means the folder that holds `path`.
     uri_root: str = ""
+    fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
 @dataclass(frozen=True)
@@ -222,6 +233,15 @@ def validate(cfg: Config) -> None:
         if not src.path:
             raise ConfigError(f"{name}.path: required")
         _one_of(f"{name}.format", src.format, SOURCE_FORMATS)
+    f = cfg.images.fetch
+    if not f.timeout_s > 0:
+        raise ConfigError(f"images.fetch.timeout_s: must be > 0, got {f.timeout_s}")
+    if f.retries < 0:
+        raise ConfigError(f"images.fetch.retries: must be >= 0, got {f.retries}")
+    if not f.backoff_s >= 0:
+        raise ConfigError(f"images.fetch.backoff_s: must be >= 0, got {f.backoff_s}")
+    if f.max_bytes < 1:
+        raise ConfigError(f"images.fetch.max_bytes: must be >= 1, got {f.max_bytes}")
     _one_of("output.engine", cfg.output.engine, DELTA_ENGINES)
     if not cfg.output.location:
         raise ConfigError("output.location: required")

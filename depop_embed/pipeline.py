@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from depop_embed import __version__, encoders, fusion, listing_text, sources
@@ -67,6 +67,8 @@ class RunSummary:
 
     def describe(self) -> str:
         lines = [f"run {self.run_id}: model {self.model_id}, {self.engine} engine, {self.seconds.get('total', 0):.1f}s"]
+        if "listings_read" in self.stats:
+            lines.append(sources.describe_counts(self.stats))
         for name, t in self.tables.items():
             lines.append(f"  {name}: {t.rows} rows written ({t.errors} errors) -> {t.location} (version {t.version})")
         for kind, batches in (("images", "image_batches"), ("texts", "text_batches")):
@@ -146,7 +148,7 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         if src is not None:
             src.unpersist()
     seconds["total"] = time.monotonic() - started
-    summary = RunSummary(run_id, mid, engine, results, dict(stats.value), seconds)
+    summary = RunSummary(run_id, mid, engine, results, {**src.counts, **stats.value}, seconds)
     log.info("run %s done in %.1fs", run_id, seconds["total"])
     return summary
 
@@ -170,12 +172,15 @@ def check_dimensions(staged: dict[str, Staged], dim: int) -> None:
             raise RunFailed(f"quality gate failed, nothing committed: {name}: {t.wrong_dims} rows hold vectors that are not {dim}-d")
 
 
-def _top_reasons(df: DataFrame, limit: int = 3) -> str:
+def _top_reasons(df: DataFrame, limit: int = 3, examples: int = 3) -> str:
+    """The most common reason codes among error rows, with their first few keys as examples."""
     key = F.concat_ws("/", *[c for c in ("listing_id", "image_id") if c in df.columns])
+    errors = df.where("status = 'error'").select(F.substring_index("error", ":", 1).alias("reason"), key.alias("key"))
+    nth = F.row_number().over(Window.partitionBy("reason").orderBy("key"))
     rows = (
-        df.where("status = 'error'")
-        .groupBy(F.substring_index("error", ":", 1).alias("reason"))
-        .agg(F.count("*").alias("n"), F.slice(F.collect_list(key), 1, 3).alias("examples"))
+        errors.withColumn("nth", nth)
+        .groupBy("reason")
+        .agg(F.count("*").alias("n"), F.sort_array(F.collect_list(F.when(F.col("nth") <= examples, F.col("key")))).alias("examples"))
         .orderBy(F.desc("n"), "reason")
         .limit(limit)
         .collect()
@@ -210,6 +215,7 @@ def _encode_settings(spark: SparkSession, cfg: Config) -> EncodeSettings:
         torch_threads=cfg.encode.torch_threads or int(spark.conf.get("spark.task.cpus", "1")),
         decode_threads=cfg.encode.decode_threads,
         max_image_pixels=cfg.encode.max_image_pixels,
+        fetch=cfg.images.fetch,
     )
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from pyspark.accumulators import AccumulatorParam
 
-from depop_embed.config import ModelConfig
-from depop_embed.photos import PhotoError
+from depop_embed.config import FetchConfig, ModelConfig
+from depop_embed.photos import PhotoError, is_transient
 
 IMAGE_OUTPUT_SCHEMA = (
     "listing_id string, image_id string, position int, image_uri string, content_hash string, "
@@ -55,6 +55,7 @@ class EncodeSettings:
     torch_threads: int
     decode_threads: int
     max_image_pixels: int
+    fetch: FetchConfig
 
 
 _ENCODERS: dict[tuple, Any] = {}
@@ -84,8 +85,13 @@ def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.Data
             for frame in frames:
                 for batch in _batches(frame, settings.image_batch_size):
                     encoder = encoder or worker_encoder(settings, stats)
-                    out = _encode_image_batch(batch, encoder, pool, settings.max_image_pixels)
-                    stats.add({"image_batches": 1, "images": len(out), "image_errors": int((out["status"] == "error").sum())})
+                    out = _encode_image_batch(batch, encoder, pool, settings.max_image_pixels, settings.fetch)
+                    stats.add({
+                        "image_batches": 1,
+                        "images": len(out),
+                        "image_errors": int((out["status"] == "error").sum()),
+                        "image_errors_transient": sum(map(is_transient, out["error"])),
+                    })
                     yield out
 
     return run
@@ -106,9 +112,11 @@ def encode_texts(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataF
     return run
 
 
-def _encode_image_batch(batch: pd.DataFrame, encoder, pool: ThreadPoolExecutor, max_pixels: int) -> pd.DataFrame:
-    # Decoding runs in threads: Pillow releases the GIL while it decodes.
-    loaded = list(pool.map(lambda uri: _load_photo(uri, encoder, max_pixels), batch["uri"]))
+def _encode_image_batch(
+    batch: pd.DataFrame, encoder, pool: ThreadPoolExecutor, max_pixels: int, fetch: FetchConfig
+) -> pd.DataFrame:
+    # Reading and decoding run in threads: Pillow releases the GIL while it decodes, sockets while they wait.
+    loaded = list(pool.map(lambda uri: _load_photo(uri, encoder, max_pixels, fetch), batch["uri"]))
     decoded = [i for i, (_, pixels, _) in enumerate(loaded) if pixels is not None]
     vectors, errors = _encode_rows(
         lambda rows: encoder.encode_images(_stack([loaded[i][1] for i in rows])), decoded, len(batch)
@@ -133,13 +141,13 @@ def _batches(frame: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
         yield frame.iloc[start : start + size].reset_index(drop=True)
 
 
-def _load_photo(uri: str, encoder, max_pixels: int) -> tuple[str | None, Any, str | None]:
+def _load_photo(uri: str, encoder, max_pixels: int, fetch: FetchConfig) -> tuple[str | None, Any, str | None]:
     """uri -> (content hash, preprocessed pixels, None) or (hash or None, None, error)."""
     from depop_embed import photos
 
     digest = None
     try:
-        data = photos.read_bytes(uri)
+        data = photos.read_bytes(uri, fetch)
         digest = photos.content_hash(data)
         return digest, encoder.preprocess(photos.decode(data, max_pixels)), None
     except PhotoError as exc:

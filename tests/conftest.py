@@ -16,21 +16,22 @@ TINY_MODEL = str(ROOT / "tests" / "assets" / "depop-tiny-clip.json")
 SAMPLE = ROOT / "sample_data"
 
 
+def job_overrides(tmp: Path, listings: Path | None = None, images: Path | None = None) -> list[str]:
+    """--set overrides for conf/local.yaml: a tmp output folder, the tiny model, local[2]."""
+    return [
+        f"listings.path={listings or SAMPLE / 'listings.jsonl'}",
+        f"images.path={images or SAMPLE / 'listing_images.jsonl'}",
+        f"output.location={tmp / 'tables'}",
+        "model.name=depop-tiny-clip",
+        f"model.config_path={TINY_MODEL}",
+        "model.seed=0",
+        "spark.master=local[2]",
+    ]
+
+
 def make_config(tmp: Path, *overrides: str, listings: Path | None = None, images: Path | None = None) -> config.Config:
     """conf/local.yaml pointed at a tmp output folder and the tiny model; extra --set style overrides."""
-    return config.load(
-        ROOT / "conf" / "local.yaml",
-        [
-            f"listings.path={listings or SAMPLE / 'listings.jsonl'}",
-            f"images.path={images or SAMPLE / 'listing_images.jsonl'}",
-            f"output.location={tmp / 'tables'}",
-            "model.name=depop-tiny-clip",
-            f"model.config_path={TINY_MODEL}",
-            "model.seed=0",
-            "spark.master=local[2]",
-            *overrides,
-        ],
-    )
+    return config.load(ROOT / "conf" / "local.yaml", [*job_overrides(tmp, listings, images), *overrides])
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +50,13 @@ def sample_run(spark, tmp_path_factory):
     summary = pipeline.run(spark, cfg)
     yield cfg, summary
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def photo_server():
+    """A local HTTP server for remote-photo cases (see tests/photo_server.py)."""
+    from photo_server import PhotoServer
+
+    server = PhotoServer()
+    yield server
+    server.close()

@@ -34,6 +34,12 @@ def test_overrides_are_typed_and_reach_nested_and_mapping_fields():
     assert cfg.text.template == ("{title}", "by {brand}")
 
 
+def test_fetch_settings_load_from_yaml_and_overrides():
+    cfg = config.load(LOCAL, ["images.fetch.retries=0", "images.fetch.timeout_s=3"])
+    assert cfg.images.fetch == config.FetchConfig(timeout_s=3.0, retries=0, backoff_s=0.5, max_bytes=25_000_000)
+    assert isinstance(cfg.images.fetch.timeout_s, float)
+
+
 def test_switching_weights_source_from_the_command_line():
     cfg = config.load(LOCAL, ["model.seed=null", "model.pretrained=laion2b_s34b_b79k"])
     assert cfg.model.pretrained == "laion2b_s34b_b79k" and cfg.model.seed is None
@@ -69,6 +75,14 @@ def test_catalog_location_needs_spark_and_staging():
         ("model=3", "model: expected a section"),
         ("spark.conf=[1]", "spark.conf: expected a mapping"),
         ("no_equals_sign", "must look like dotted.key=value"),
+        ("images.fetch.timeout_s=0", "images.fetch.timeout_s: must be > 0"),
+        ("images.fetch.timeout_s=.nan", "images.fetch.timeout_s: must be > 0"),
+        ("images.fetch.retries=-1", "images.fetch.retries: must be >= 0"),
+        ("images.fetch.retries=1.5", "images.fetch.retries: expected int"),
+        ("images.fetch.backoff_s=-0.5", "images.fetch.backoff_s: must be >= 0"),
+        ("images.fetch.max_bytes=0", "images.fetch.max_bytes: must be >= 1"),
+        ("images.fetch.proxy=x", "images.fetch.proxy: unknown key"),
+        ("listings.fetch.retries=1", "listings.fetch: unknown key"),  # only photos are fetched
     ],
 )
 def test_bad_values_fail_naming_the_key(override, names):
