@@ -38,8 +38,12 @@ def clean_field(value: Any, max_chars: int) -> str:
     text = _TAG.sub(" ", _HIDDEN.sub(" ", html.unescape(text)))
     text = _SPACE.sub(" ", unicodedata.normalize("NFKC", text))
     if not text.isprintable():  # control, format (bidi overrides, zero-width), surrogate, private-use
-        text = _SPACE.sub(" ", "".join(" " if unicodedata.category(ch)[0] == "C" and ch not in _JOINERS else ch for ch in text))
+        text = _SPACE.sub(" ", "".join(" " if _is_other(ch) else ch for ch in text))
     return text.strip()[:max_chars]
+
+
+def _is_other(ch: str) -> bool:
+    return unicodedata.category(ch)[0] == "C" and ch not in _JOINERS
 
 
 def render(fields: Mapping[str, Any], cfg: TextConfig) -> str:

@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import io
 import math
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -103,13 +102,15 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice Image.MAX_IMAGE_PIXELS
         raise PhotoError("too_large", str(exc)) from exc
     except Image.UnidentifiedImageError as exc:
-        raise PhotoError("unsupported_format", f"not a photo format this job reads ({', '.join(PHOTO_FORMATS)})") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:  # Pillow's errors for corrupt files
+        formats = ", ".join(PHOTO_FORMATS)
+        raise PhotoError("unsupported_format", f"not a photo format this job reads ({formats})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's errors for corrupt files
         raise PhotoError("corrupt", f"{type(exc).__name__}: {exc}") from exc
 
 
 def _fetch_with_retries(uri: str, fetch: FetchConfig) -> bytes:
-    for attempt in range(fetch.retries + 1):
+    attempt = 0
+    while True:
         try:
             return _fetch(uri, fetch)
         except PhotoError as exc:
@@ -117,8 +118,8 @@ def _fetch_with_retries(uri: str, fetch: FetchConfig) -> bytes:
                 raise
             if attempt == fetch.retries:
                 raise PhotoError(exc.code, f"{exc.detail} (after {attempt + 1} attempts)") from exc
-            time.sleep(fetch.backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
+        time.sleep(fetch.backoff_s * 2**attempt)
+        attempt += 1
 
 
 def _fetch(uri: str, fetch: FetchConfig) -> bytes:
@@ -144,7 +145,7 @@ def _fetch(uri: str, fetch: FetchConfig) -> bytes:
     except urllib.error.HTTPError as exc:
         raise PhotoError(_status_code(exc.code), f"HTTP {exc.code} from {uri}") from exc
     except urllib.error.URLError as exc:
-        code = "timeout" if isinstance(exc.reason, (TimeoutError, socket.timeout)) else "connection"
+        code = "timeout" if isinstance(exc.reason, TimeoutError) else "connection"
         raise PhotoError(code, f"{uri}: {exc.reason}") from exc
     except TimeoutError as exc:
         raise PhotoError("timeout", f"{uri}: no data for {fetch.timeout_s}s") from exc

@@ -180,7 +180,10 @@ def _top_reasons(df: DataFrame, limit: int = 3, examples: int = 3) -> str:
     rows = (
         errors.withColumn("nth", nth)
         .groupBy("reason")
-        .agg(F.count("*").alias("n"), F.sort_array(F.collect_list(F.when(F.col("nth") <= examples, F.col("key")))).alias("examples"))
+        .agg(
+            F.count("*").alias("n"),
+            F.sort_array(F.collect_list(F.when(F.col("nth") <= examples, F.col("key")))).alias("examples"),
+        )
         .orderBy(F.desc("n"), "reason")
         .limit(limit)
         .collect()

@@ -46,12 +46,12 @@ class Sources:
 def read(spark: SparkSession, cfg: Config, engine: str) -> Sources:
     """The run's view of both sources, persisted: every later step sees the same snapshot."""
     listings = _conform(_read_table(spark, cfg.listings, engine), "listings", LISTING_COLUMNS, _LISTING_TYPES)
-    listings = mark_dropped(listings, ["listing_id"]).persist()
+    listings = _mark_dropped(listings, ["listing_id"]).persist()
     kept_listings = listings.where(F.col(_DROPPED).isNull()).drop(_DROPPED)
     images = _conform(_read_table(spark, cfg.images, engine), "images", IMAGE_COLUMNS, _IMAGE_TYPES)
     listed = kept_listings.select("listing_id", F.lit(True).alias("_listed"))
     images = (
-        mark_dropped(images, ["listing_id", "image_id"])
+        _mark_dropped(images, ["listing_id", "image_id"])
         .join(listed, "listing_id", "left")
         .withColumn(_DROPPED, F.coalesce(_DROPPED, F.when(F.col("_listed").isNull(), "without_listing")))
         .drop("_listed")
@@ -71,9 +71,8 @@ def read(spark: SparkSession, cfg: Config, engine: str) -> Sources:
     )
 
 
-def describe_counts(counts: dict[str, int]) -> str:
-    """One summary line: what was read and what was left out."""
-    c = counts
+def describe_counts(c: dict[str, int]) -> str:
+    """One summary line from `Sources.counts`: what was read and what was left out."""
     return (
         f"  sources: {c['listings_read']} listing rows read, {c['listings_duplicate']} older duplicates and "
         f"{c['listings_without_key']} without listing_id left out; {c['photos_read']} photo rows read, "
@@ -82,7 +81,7 @@ def describe_counts(counts: dict[str, int]) -> str:
     )
 
 
-def mark_dropped(df: DataFrame, key: list[str]) -> DataFrame:
+def _mark_dropped(df: DataFrame, key: list[str]) -> DataFrame:
     """Add `_dropped`: null for the one row kept per key (the latest updated_at, ties broken on
     content), 'duplicate' for the other rows of its key, 'without_key' where a key column is null."""
     order = [F.col("updated_at").desc_nulls_last(), F.xxhash64(*df.columns).desc()]
@@ -110,7 +109,8 @@ def uri_root(src: ImageSourceConfig) -> str:
 def _absolute_uri(uri, root: str):
     is_absolute = uri.rlike(r"^([A-Za-z][A-Za-z0-9+.\-]*:|/)")
     # An empty uri stays empty (a 'missing' photo), not the root folder itself.
-    return F.when(is_absolute | (F.lit(root) == "") | (F.trim(uri) == ""), uri).otherwise(F.concat(F.lit(root + "/"), uri))
+    keep = is_absolute | (F.lit(root) == "") | (F.trim(uri) == "")
+    return F.when(keep, uri).otherwise(F.concat(F.lit(root + "/"), uri))
 
 
 def _read_table(spark: SparkSession, src: SourceConfig, engine: str) -> DataFrame:
