@@ -29,6 +29,7 @@ LISTING_COLUMNS = (
     "colour", "price", "currency", "status", "updated_at",
 )
 IMAGE_COLUMNS = ("listing_id", "image_id", "position", "uri", "updated_at")
+OUTPUT_TABLES = ("listing_image_embeddings", "listing_text_embeddings", "listing_embeddings")
 
 _UC_SCHEMA = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
 
@@ -121,6 +122,20 @@ class ThresholdsConfig:
 
 
 @dataclass(frozen=True)
+class IncrementalConfig:
+    full_refresh: bool = False  # re-embed every text and photo for this model, not only what changed
+    # A listing gone from the source is deactivated at once, and all its rows are deleted this many
+    # days later.
+    retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    # Fault injection for tests: SIGKILL the driver just before committing to this table ("" = never).
+    kill_before_commit: str = ""
+
+
+@dataclass(frozen=True)
 class SparkConfig:
     master: str = "local[*]"  # used only when no session or spark-submit master exists
     app_name: str = "depop-embed"
@@ -137,6 +152,8 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
     @property
@@ -291,6 +308,10 @@ def validate(cfg: Config) -> None:
 
     _unit_interval("fusion.image_weight", cfg.fusion.image_weight)
     _unit_interval("thresholds.max_error_rate", cfg.thresholds.max_error_rate)
+    if cfg.incremental.retention_days < 0:
+        raise ConfigError(f"incremental.retention_days: must be >= 0, got {cfg.incremental.retention_days}")
+    if cfg.faults.kill_before_commit:
+        _one_of("faults.kill_before_commit", cfg.faults.kill_before_commit, OUTPUT_TABLES)
 
 
 def _one_of(key: str, value: str, allowed: Sequence[str]) -> None:

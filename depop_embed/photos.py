@@ -27,8 +27,10 @@ from PIL import Image, ImageOps
 from depop_embed import __version__
 from depop_embed.config import FetchConfig
 
-# Failures that say nothing about the photo itself: the same URI may well work on the next run.
-TRANSIENT_CODES = frozenset({"timeout", "connection", "truncated", "http_5xx", "rate_limited"})
+# Failures that say nothing about the photo itself: the same URI may well work on the next run
+# (read_failed: an I/O error from a volume or an object store). Incremental runs retry these, and keep
+# a stored good vector rather than overwrite it with one of them (`selection`).
+TRANSIENT_CODES = frozenset({"timeout", "connection", "truncated", "http_5xx", "rate_limited", "read_failed"})
 
 # The formats photos arrive in (JPEG includes phones' multi-picture MPO; AVIF where this Pillow reads
 # it). Pillow can open many more (EPS runs Ghostscript, PSD, ICO, ...): none of them is a photo upload,
@@ -57,16 +59,26 @@ def is_transient(error: str | None) -> bool:
     return bool(error) and error.partition(":")[0].strip() in TRANSIENT_CODES
 
 
+def local_path(uri: str) -> str | None:
+    """The filesystem path of a plain path or file: URI; None for other schemes."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return unquote(parsed.path)
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a Windows drive letter is a path
+        return uri
+    return None
+
+
 def read_bytes(uri: str, fetch: FetchConfig) -> bytes:
     """The photo's bytes, from a path, a file: URI, an http(s) URL or an fsspec object-store URI."""
     if not uri:
         raise PhotoError("missing", "the photo row has no uri")
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
+    if urlparse(uri).scheme in ("http", "https"):
         return _fetch_with_retries(uri, fetch)
+    path = local_path(uri)
     try:
-        if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a Windows drive letter is a path
-            stream = open(unquote(parsed.path) if parsed.scheme == "file" else uri, "rb")
+        if path is not None:
+            stream = open(path, "rb")
         else:
             import fsspec  # object stores (s3://, gs://, abfss://...) through whatever fsspec backend is installed
 

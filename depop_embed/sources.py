@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -36,6 +37,8 @@ class Sources:
     # Rows read and rows left out, by reason: listings_read, listings_duplicate, listings_without_key,
     # photos_read, photos_duplicate, photos_without_key, photos_without_listing.
     counts: dict[str, int]
+    # What was read, for the commit metadata: a Delta version, or the files and when they were read.
+    snapshot: dict[str, str] = field(default_factory=dict)
     _cached: tuple[DataFrame, ...] = ()
 
     def unpersist(self) -> None:
@@ -45,10 +48,12 @@ class Sources:
 
 def read(spark: SparkSession, cfg: Config, engine: str) -> Sources:
     """The run's view of both sources, persisted: every later step sees the same snapshot."""
-    listings = _conform(_read_table(spark, cfg.listings, engine), "listings", LISTING_COLUMNS, _LISTING_TYPES)
+    raw_listings, listings_snapshot = _read_table(spark, cfg.listings, engine)
+    raw_images, images_snapshot = _read_table(spark, cfg.images, engine)
+    listings = _conform(raw_listings, "listings", LISTING_COLUMNS, _LISTING_TYPES)
     listings = _mark_dropped(listings, ["listing_id"]).persist()
     kept_listings = listings.where(F.col(_DROPPED).isNull()).drop(_DROPPED)
-    images = _conform(_read_table(spark, cfg.images, engine), "images", IMAGE_COLUMNS, _IMAGE_TYPES)
+    images = _conform(raw_images, "images", IMAGE_COLUMNS, _IMAGE_TYPES)
     listed = kept_listings.select("listing_id", F.lit(True).alias("_listed"))
     images = (
         _mark_dropped(images, ["listing_id", "image_id"])
@@ -67,6 +72,7 @@ def read(spark: SparkSession, cfg: Config, engine: str) -> Sources:
         listings=kept_listings,
         images=images.where(F.col(_DROPPED).isNull()).drop(_DROPPED).select(*IMAGE_COLUMNS),
         counts=counts,
+        snapshot={"listings": listings_snapshot, "images": images_snapshot},
         _cached=(listings, images),
     )
 
@@ -113,18 +119,22 @@ def _absolute_uri(uri, root: str):
     return F.when(keep, uri).otherwise(F.concat(F.lit(root + "/"), uri))
 
 
-def _read_table(spark: SparkSession, src: SourceConfig, engine: str) -> DataFrame:
+def _read_table(spark: SparkSession, src: SourceConfig, engine: str) -> tuple[DataFrame, str]:
+    """-> (rows, snapshot): a Delta source is read at one version, which the snapshot names."""
+    read_at = f"{src.format}:{src.path} read at {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
     try:
         if src.format == "delta":
             if engine == "spark":
-                reader = spark.read.format("delta")
-                return reader.load(src.path) if "/" in src.path else spark.read.table(src.path)
+                ident = f"delta.`{src.path}`" if "/" in src.path else src.path
+                version = spark.sql(f"DESCRIBE HISTORY {ident} LIMIT 1").first()["version"]
+                return spark.sql(f"SELECT * FROM {ident} VERSION AS OF {version}"), f"delta:{src.path}@v{version}"
             from deltalake import DeltaTable
 
-            return spark.createDataFrame(DeltaTable(src.path).to_pyarrow_table())
+            table = DeltaTable(src.path)
+            return spark.createDataFrame(table.to_pyarrow_table()), f"delta:{src.path}@v{table.version()}"
         if src.format == "csv":
-            return spark.read.options(header=True, multiLine=True, escape='"').csv(src.path)
-        return spark.read.format(src.format).load(src.path)
+            return spark.read.options(header=True, multiLine=True, escape='"').csv(src.path), read_at
+        return spark.read.format(src.format).load(src.path), read_at
     except Exception as exc:  # Spark's AnalysisException, delta-rs's TableNotFoundError, ...
         raise SourceError(f"cannot read {src.format} table at {src.path}: {exc}") from exc
 

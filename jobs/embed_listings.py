@@ -21,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config value, e.g. --set model.seed=3 (repeatable)",
     )
+    parser.add_argument(
+        "--full-refresh", action="store_true",
+        help="re-embed every listing and photo for the model, not only what changed (= --set incremental.full_refresh=true)",
+    )
     return parser
 
 
@@ -29,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = config.load(args.config, args.overrides)
+        overrides = [*args.overrides, *(["incremental.full_refresh=true"] if args.full_refresh else [])]
+        cfg = config.load(args.config, overrides)
     except config.ConfigError as exc:
         parser.error(str(exc))
     spark = get_spark(cfg)

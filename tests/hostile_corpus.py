@@ -287,8 +287,8 @@ class Corpus:
 
 def write_corpus(out: Path, server, n_good_listings: int = 100) -> Corpus:
     catalogue = write_catalogue(out, n_listings=n_good_listings, seed=21, max_photos=2, photo_size=(64, 80))
-    listings = _read_jsonl(catalogue.listings_path)
-    photos = _read_jsonl(catalogue.images_path)
+    listings = read_jsonl(catalogue.listings_path)
+    photos = read_jsonl(catalogue.images_path)
     good_listing_ids = [row["listing_id"] for row in listings]
     good_photo_ids = [row["image_id"] for row in photos]
     (out / "photos" / "hostile").mkdir(parents=True, exist_ok=True)
@@ -327,8 +327,8 @@ def write_corpus(out: Path, server, n_good_listings: int = 100) -> Corpus:
         "listings_read": len(listings), "listings_duplicate": 1, "listings_without_key": 1,
         "photos_read": len(photos), "photos_duplicate": 2, "photos_without_key": 1, "photos_without_listing": 2,
     }
-    _write_jsonl(catalogue.listings_path, listings)
-    _write_jsonl(catalogue.images_path, photos)
+    write_jsonl(catalogue.listings_path, listings)
+    write_jsonl(catalogue.images_path, photos)
     return Corpus(
         catalogue.listings_path, catalogue.images_path, hostile_photos, hostile_texts, good_photo_ids,
         good_listing_ids, counts, {listing["listing_id"]: listing["title"]},
@@ -345,9 +345,9 @@ def _listing(listing_id: str, fields: dict, updated_at: str) -> dict:
     return {**base, **fields, "listing_id": listing_id, "updated_at": updated_at}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

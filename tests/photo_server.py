@@ -13,7 +13,9 @@ The first path segment picks the behaviour, the last names a registered photo:
     /notype/<name>              the photo with no Content-Type
     /declared-huge/<name>       Content-Length of 10 GB
 
-Every request is counted per path in `hits`, so tests can tell how often the client tried.
+A photo named in `outages` (name -> seconds) makes every path that serves it wait that long first: the
+same URL that worked yesterday times out today. Every request is counted per path in `hits`, so tests
+can tell how often the client tried.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class PhotoServer:
     def __init__(self) -> None:
         self.photos: dict[str, bytes] = {}
         self.types: dict[str, str] = {}
+        self.outages: dict[str, float] = {}
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -62,6 +65,7 @@ def _handler(server: PhotoServer) -> type[BaseHTTPRequestHandler]:
             if data is None:
                 return self._send(404, b"<html>no such photo</html>", "text/html")
             content_type = server.types[name]
+            time.sleep(server.outages.get(name, 0))
             if kind == "status":
                 return self._send(int(args[0]), b"<html>error</html>", "text/html")
             if kind == "flaky" and hit <= int(args[0]):

@@ -124,6 +124,7 @@ def test_nobody_listening_is_a_transient_connection_error():
         ("http_5xx: HTTP 503 from http://x/a.jpg", True),
         ("rate_limited: HTTP 429 from http://x/a.jpg", True),
         ("connection: http://x/a.jpg: [Errno 111] Connection refused", True),
+        ("read_failed: /Volumes/photos/a.jpg: [Errno 5] Input/output error", True),
         ("truncated: http://x/a.jpg: got 10 of 20 bytes", True),
         ("not_found: HTTP 404 from http://x/a.jpg", False),
         ("corrupt: OSError: image file is truncated", False),

@@ -16,11 +16,12 @@ import pytest
 import torch
 from deltalake import DeltaTable
 
-from depop_embed import photos, sources
+from depop_embed import photos, pipeline, sources
+from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE
-from hostile_corpus import MAX_BYTES, MAX_IMAGE_PIXELS, write_corpus
+from hostile_corpus import MAX_BYTES, MAX_IMAGE_PIXELS, read_jsonl, write_corpus, write_jsonl
 
-from conftest import ROOT, TINY_MODEL, job_overrides
+from conftest import ROOT, TINY_MODEL, job_overrides, make_config
 
 MAX_CHARS = 2000  # text.max_chars in conf/local.yaml
 LENIENT, STRICT = 0.3, 0.05
@@ -33,7 +34,7 @@ def load_job():
     return module
 
 
-def job_args(corpus, out, max_error_rate: float) -> list[str]:
+def job_args(corpus, out, max_error_rate: float, *flags: str) -> list[str]:
     overrides = [
         *job_overrides(out, corpus.listings_path, corpus.images_path),
         f"encode.max_image_pixels={MAX_IMAGE_PIXELS}",
@@ -44,7 +45,7 @@ def job_args(corpus, out, max_error_rate: float) -> list[str]:
         "images.fetch.backoff_s=0.05",
         f"thresholds.max_error_rate={max_error_rate}",
     ]
-    return ["--config", str(ROOT / "conf" / "local.yaml"), *[arg for o in overrides for arg in ("--set", o)]]
+    return ["--config", str(ROOT / "conf" / "local.yaml"), *[arg for o in overrides for arg in ("--set", o)], *flags]
 
 
 def table(out, spec) -> pd.DataFrame:
@@ -161,8 +162,8 @@ def test_listings_with_only_bad_photos_fall_back_to_their_text(corpus_run):
 def test_a_strict_gate_fails_the_run_with_rate_reasons_and_examples_and_changes_no_table(corpus_run, caplog):
     corpus, out, _, _ = corpus_run
     before = versions(out)
-    with caplog.at_level(logging.ERROR):
-        code = load_job().main(job_args(corpus, out, STRICT))
+    with caplog.at_level(logging.ERROR):  # a full refresh: the gate judges the rows a run encodes
+        code = load_job().main(job_args(corpus, out, STRICT, "--full-refresh"))
     assert code == 1
     message = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     n_photos = len(corpus.good_photo_ids) + len(corpus.photos)
@@ -175,3 +176,36 @@ def test_a_strict_gate_fails_the_run_with_rate_reasons_and_examples_and_changes_
     examples = sorted(f"{i.rsplit('-', 1)[0]}/{i}" for i, code in bad if code == top)[:3]
     assert f"{top} x{by_reason[top]} (e.g. {', '.join(examples)})" in message
     assert versions(out) == before
+
+
+def test_a_photo_that_times_out_on_a_rerun_keeps_its_good_vector(spark, photo_server, tmp_path):
+    catalogue = write_catalogue(tmp_path / "src", n_listings=3, seed=4, max_photos=1, photo_size=(64, 80))
+    rows = read_jsonl(catalogue.images_path)
+    remote = rows[0]
+    photo_server.add("rerun.png", (tmp_path / "src" / remote["uri"]).read_bytes(), "image/png")
+    remote["uri"] = photo_server.url("/photo/rerun.png")
+    write_jsonl(catalogue.images_path, rows)
+    # The rerun encodes this one photo: its timeout is 100% of the rows the gate judges.
+    cfg = make_config(
+        tmp_path, "images.fetch.timeout_s=0.3", "images.fetch.retries=1", "images.fetch.backoff_s=0.01",
+        "thresholds.max_error_rate=1", listings=catalogue.listings_path, images=catalogue.images_path,
+    )
+    pipeline.run(spark, cfg)
+    key = (remote["listing_id"], remote["image_id"])
+    before = table(tmp_path, IMAGE_TABLE).set_index(["listing_id", "image_id"]).loc[key]
+    assert before["status"] == "ok"
+
+    # The row changes upstream (so the photo is selected again) while its host is down.
+    remote["updated_at"] = "2030-01-01T00:00:00+00:00"
+    write_jsonl(catalogue.images_path, rows)
+    photo_server.outages["rerun.png"] = 2.0
+    try:
+        summary = pipeline.run(spark, cfg)
+    finally:
+        del photo_server.outages["rerun.png"]
+    assert summary.stats["image_errors_transient"] == 1  # it was encoded, and timed out
+    assert summary.stats["images_kept_after_transient_error"] == 1
+    after = table(tmp_path, IMAGE_TABLE).set_index(["listing_id", "image_id"]).loc[key]
+    assert after["status"] == "ok" and after["error"] is None
+    np.testing.assert_array_equal(after["embedding"], before["embedding"])
+    assert after["embedded_at"] == before["embedded_at"]
