@@ -111,17 +111,20 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         spark.sparkContext.master,
     )
 
-    src = fingerprinted = None
+    src = None
+    cached: list[DataFrame] = []  # selections counted for the log and then encoded: computed once
     try:
         src = sources.read(spark, cfg, engine)
         text_cfg = cfg.text
         rendered = src.listings.mapInPandas(
             lambda frames: (listing_text.render_frame(f, text_cfg) for f in frames), _RENDERED_TEXT_SCHEMA
         )
-        text_todo = selection.texts_to_encode(rendered, stored[TEXT_TABLE.name], full_refresh)
+        text_todo = selection.texts_to_encode(rendered, stored[TEXT_TABLE.name], full_refresh).persist()
         fingerprinted = selection.fingerprint_photos(src.images).persist()
         listed = src.listings.select("listing_id")
         photo_plan = selection.plan_photos(fingerprinted, stored[IMAGE_TABLE.name], listed, full_refresh)
+        photo_plan.to_encode.persist()
+        cached += [text_todo, fingerprinted, photo_plan.to_encode]
         log.info(
             "to encode: %d of %d listing texts, %d of %d photos, in %d partitions (batches of %d photos / %d texts)",
             text_todo.count(), src.listings.count(), photo_plan.to_encode.count(), fingerprinted.count(),
@@ -181,7 +184,7 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         seconds["commit"] = time.monotonic() - commit_started
     finally:
         _remove(spark, staging)
-        for df in (fingerprinted, src):
+        for df in [*cached, src]:
             if df is not None:
                 df.unpersist()
     seconds["total"] = time.monotonic() - started
