@@ -8,6 +8,7 @@ single MERGE commit.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -18,8 +19,8 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from depop_embed import __version__, encoders, fusion, listing_text, sources
-from depop_embed.config import Config
+from depop_embed import __version__, encoders, fusion, listing_text, quality, registry, sources, tracking
+from depop_embed.config import Config, ModelConfig
 from depop_embed.session import resolve_engine
 from depop_embed.tables import (
     IMAGE_TABLE, LISTING_TABLE, TEXT_TABLE, DeltaRsWriter, SparkDeltaWriter, TableWriter,
@@ -79,31 +80,45 @@ class RunSummary:
 
 
 def run(spark: SparkSession, cfg: Config) -> RunSummary:
-    started = time.monotonic()
+    """One job run, recorded as an MLflow run (FAILED, with the reason, when it raises)."""
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    with tracking.tracked_run(cfg, run_id) as tracker:
+        summary = _run(spark, cfg, run_id, tracker)
+        tracker.log_summary(summary)
+    return summary
+
+
+def _run(spark: SparkSession, cfg: Config, run_id: str, tracker: tracking.RunTracker) -> RunSummary:
+    started = time.monotonic()
     embedded_at = datetime.now(timezone.utc)
     engine = resolve_engine(spark, cfg)
     writer = _writer(spark, cfg, engine)
-    mid = encoders.model_id(cfg.model)
-    dim = encoders.embedding_dim(cfg.model)
     staging = f"{cfg.staging_path.rstrip('/')}/{run_id}"
     stats = spark.sparkContext.accumulator({}, CounterParam())
-    settings = _encode_settings(spark, cfg)
     partitions = cfg.encode.partitions or spark.sparkContext.defaultParallelism
     # A runtime SQL setting, so it applies to an existing (Databricks) session too.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.encode.arrow_batch_size))
-    seconds: dict[str, float] = {}
-    log.info(
-        "run %s: model %s, %s engine, tables under %s, Spark master %s",
-        run_id, mid, engine, cfg.output.location, spark.sparkContext.master,
-    )
+    seconds = tracker.seconds
 
     src = None
     try:
+        # A registered model is pinned to one version for the whole run and downloaded once, here.
+        model, package_dir = registry.prepare(cfg.model, cfg.tracking, os.path.abspath(f"{staging}/model"))
+        mid = encoders.model_id(model)
+        dim = encoders.embedding_dim(model, package_dir)
+        settings = _encode_settings(spark, cfg, model, package_dir)
+        tracker.log_params({"model_id": mid, "engine": engine, "run_id": run_id})
+        log.info(
+            "run %s: model %s, %s engine, tables under %s, Spark master %s",
+            run_id, mid, engine, cfg.output.location, spark.sparkContext.master,
+        )
         src = sources.read(spark, cfg, engine)
+        rows_read = {"listings": src.listings.count(), "images": src.images.count()}
+        tracker.log_metrics({f"read/{name}": n for name, n in rows_read.items()})
+        _fail_if(quality.source_breaches(rows_read["listings"], cfg.thresholds))
         log.info(
             "to encode: %d listing texts, %d photos, in %d partitions (batches of %d photos / %d texts)",
-            src.listings.count(), src.images.count(), partitions,
+            rows_read["listings"], rows_read["images"], partitions,
             settings.image_batch_size, settings.text_batch_size,
         )
         text_cfg = cfg.text
@@ -125,13 +140,22 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
             TEXT_TABLE.name: _stage(spark, texts, f"{staging}/{TEXT_TABLE.name}", "texts", dim, seconds),
             IMAGE_TABLE.name: _stage(spark, images, f"{staging}/{IMAGE_TABLE.name}", "images", dim, seconds),
         }
+        tracker.log_staged(staged, cfg.tracking.error_sample_rows)
         check_error_rates(staged, cfg.thresholds.max_error_rate)
 
         listings = fusion.fuse(
             src.listings, staged[TEXT_TABLE.name].df, staged[IMAGE_TABLE.name].df, cfg.fusion.image_weight
         ).select("*", *_stamp(mid, embedded_at, "updated_at"))
         staged[LISTING_TABLE.name] = _stage(spark, listings, f"{staging}/{LISTING_TABLE.name}", "listings", dim, seconds)
+        tracker.log_staged({LISTING_TABLE.name: staged[LISTING_TABLE.name]}, cfg.tracking.error_sample_rows)
         check_dimensions(staged, dim)
+        vectors = {name: quality.vector_stats(t.df) for name, t in staged.items()}
+        drifts = {
+            spec.name: quality.drift(staged[spec.name].df, writer.read(spark, spec), spec.key, hash_column)
+            for spec, hash_column in ((IMAGE_TABLE, "content_hash"), (TEXT_TABLE, "text_hash"))
+        }
+        tracker.log_quality(vectors, drifts)
+        _fail_if(quality.vector_breaches(vectors, drifts, cfg.thresholds))
 
         commit_info = {"depop_embed.run_id": run_id, "depop_embed.model_id": mid, "depop_embed.version": __version__}
         results = {}
@@ -159,6 +183,11 @@ def check_error_rates(staged: dict[str, Staged], max_rate: float) -> None:
         for name, t in staged.items()
         if t.rows and t.errors / t.rows > max_rate
     ]
+    if breaches:
+        raise RunFailed("quality gate failed, nothing committed:\n  " + "\n  ".join(breaches))
+
+
+def _fail_if(breaches: list[str]) -> None:
     if breaches:
         raise RunFailed("quality gate failed, nothing committed:\n  " + "\n  ".join(breaches))
 
@@ -202,9 +231,10 @@ def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, dim: int, s
     return Staged(staged, path, int(profile["rows"]), int(profile["errors"]), int(profile["wrong_dims"]))
 
 
-def _encode_settings(spark: SparkSession, cfg: Config) -> EncodeSettings:
+def _encode_settings(spark: SparkSession, cfg: Config, model: ModelConfig, package_dir: str | None) -> EncodeSettings:
     return EncodeSettings(
-        model=cfg.model,
+        model=model,
+        package_dir=package_dir,
         image_batch_size=cfg.encode.image_batch_size,
         text_batch_size=cfg.encode.text_batch_size,
         torch_threads=cfg.encode.torch_threads or int(spark.conf.get("spark.task.cpus", "1")),

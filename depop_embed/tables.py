@@ -141,6 +141,8 @@ class TableWriter(Protocol):
 
     def merge(self, spec: TableSpec, staged_path: str, commit_info: Mapping[str, Any]) -> dict[str, Any]: ...
 
+    def read(self, spark, spec: TableSpec): ...
+
 
 class DeltaRsWriter:
     """Tables in a folder, written with delta-rs; the source rows come from the staged Parquet."""
@@ -158,6 +160,14 @@ class DeltaRsWriter:
 
         path = self.location(spec)
         return DeltaTable(path).version() if DeltaTable.is_deltatable(path) else None
+
+    def read(self, spark, spec: TableSpec):
+        """The table's current rows in Spark (its data files at the current version), or None when there are none."""
+        from deltalake import DeltaTable
+
+        path = self.location(spec)
+        files = DeltaTable(path).file_uris() if DeltaTable.is_deltatable(path) else []
+        return spark.read.parquet(*files) if files else None
 
     def ensure(self, spec: TableSpec):
         from deltalake import DeltaTable
@@ -220,6 +230,13 @@ class SparkDeltaWriter:
         except Exception:  # AnalysisException: the table does not exist yet
             return None
         return int(row["version"]) if row else None
+
+    def read(self, spark, spec: TableSpec):
+        """The table's current rows, or None when it does not exist yet."""
+        try:
+            return self.spark.table(self.location(spec)) if self.is_catalog else self.spark.read.format("delta").load(self.location(spec))
+        except Exception:  # AnalysisException: the table does not exist yet
+            return None
 
     def ensure(self, spec: TableSpec) -> None:
         self.spark.sql(

@@ -16,11 +16,7 @@ from depop_embed.session import get_spark
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file under conf/")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config value, e.g. --set model.seed=3 (repeatable)",
-    )
+    config.add_arguments(parser)
     return parser
 
 
@@ -28,10 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config.load(args.config, args.overrides)
-    except config.ConfigError as exc:
-        parser.error(str(exc))
+    cfg = config.from_arguments(parser, args)
     spark = get_spark(cfg)
     try:
         summary = pipeline.run(spark, cfg)
