@@ -183,8 +183,7 @@ def check_error_rates(staged: dict[str, Staged], max_rate: float) -> None:
         for name, t in staged.items()
         if t.rows and t.errors / t.rows > max_rate
     ]
-    if breaches:
-        raise RunFailed("quality gate failed, nothing committed:\n  " + "\n  ".join(breaches))
+    _fail_if(breaches)
 
 
 def _fail_if(breaches: list[str]) -> None:

@@ -38,14 +38,14 @@ class Drift:
     mean_cosine: float | None  # None when no row was compared
 
 
-def vector_columns(df: DataFrame) -> list[str]:
+def _vector_columns(df: DataFrame) -> list[str]:
     return [c for c in df.columns if c.endswith("embedding")]
 
 
 def vector_stats(df: DataFrame) -> dict[str, VectorStats]:
     """The stats of every vector column of `df`, in one pass."""
     aggregates = []
-    for column in vector_columns(df):
+    for column in _vector_columns(df):
         vector = F.col(column)
         non_finite = vector.isNotNull() & F.exists(vector, lambda x: F.isnan(x) | (F.abs(x) == float("inf")))
         norm = F.when(vector.isNotNull() & ~non_finite, F.sqrt(_dot(vector, vector)))
@@ -61,7 +61,7 @@ def vector_stats(df: DataFrame) -> dict[str, VectorStats]:
     row = df.agg(*aggregates).first().asDict()
     return {
         column: VectorStats(**{field: row[f"{column}.{field}"] for field in VectorStats.__dataclass_fields__})
-        for column in vector_columns(df)
+        for column in _vector_columns(df)
     }
 
 
