@@ -47,6 +47,7 @@ class Staged:
     rows: int
     errors: int  # rows with status = 'error'
     wrong_dims: int  # rows holding a vector whose length is not the model's dimension
+    vectors: dict[str, quality.VectorStats]  # per vector column: count, non-finite, norms
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _run(spark: SparkSession, cfg: Config, run_id: str, tracker: tracking.RunTra
         staged[LISTING_TABLE.name] = _stage(spark, listings, f"{staging}/{LISTING_TABLE.name}", "listings", dim, seconds)
         tracker.log_staged({LISTING_TABLE.name: staged[LISTING_TABLE.name]}, cfg.tracking.error_sample_rows)
         check_dimensions(staged, dim)
-        vectors = {name: quality.vector_stats(t.df) for name, t in staged.items()}
+        vectors = {name: t.vectors for name, t in staged.items()}
         drifts = {
             spec.name: quality.drift(staged[spec.name].df, writer.read(spark, spec), spec.key, hash_column)
             for spec, hash_column in ((IMAGE_TABLE, "content_hash"), (TEXT_TABLE, "text_hash"))
@@ -225,9 +226,13 @@ def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, dim: int, s
         F.count("*").alias("rows"),
         F.count(F.when(is_error, 1)).alias("errors"),
         F.count(F.when(wrong_dim, 1)).alias("wrong_dims"),
+        *quality.vector_aggregates(staged),
     ).first()
     log.info("%s: %d rows in %.1fs (%.1f rows/s)", what, profile["rows"], elapsed, profile["rows"] / elapsed if elapsed else 0.0)
-    return Staged(staged, path, int(profile["rows"]), int(profile["errors"]), int(profile["wrong_dims"]))
+    return Staged(
+        staged, path, int(profile["rows"]), int(profile["errors"]), int(profile["wrong_dims"]),
+        quality.vector_stats(profile, staged.columns),
+    )
 
 
 def _encode_settings(spark: SparkSession, cfg: Config, model: ModelConfig, package_dir: str | None) -> EncodeSettings:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Row
 from pyspark.sql import functions as F
 
 from depop_embed.config import ThresholdsConfig
@@ -38,14 +38,11 @@ class Drift:
     mean_cosine: float | None  # None when no row was compared
 
 
-def _vector_columns(df: DataFrame) -> list[str]:
-    return [c for c in df.columns if c.endswith("embedding")]
-
-
-def vector_stats(df: DataFrame) -> dict[str, VectorStats]:
-    """The stats of every vector column of `df`, in one pass."""
+def vector_aggregates(df: DataFrame) -> list[Column]:
+    """Aggregate expressions for the stats of every vector column of `df`, to run in the same pass as
+    other aggregates; `vector_stats` reads them back."""
     aggregates = []
-    for column in _vector_columns(df):
+    for column in _vector_columns(df.columns):
         vector = F.col(column)
         non_finite = vector.isNotNull() & F.exists(vector, lambda x: F.isnan(x) | (F.abs(x) == float("inf")))
         norm = F.when(vector.isNotNull() & ~non_finite, F.sqrt(_dot(vector, vector)))
@@ -56,13 +53,17 @@ def vector_stats(df: DataFrame) -> dict[str, VectorStats]:
             F.avg(norm).alias(f"{column}.norm_mean"),
             F.max(norm).alias(f"{column}.norm_max"),
         ]
-    if not aggregates:
-        return {}
-    row = df.agg(*aggregates).first().asDict()
-    return {
-        column: VectorStats(**{field: row[f"{column}.{field}"] for field in VectorStats.__dataclass_fields__})
-        for column in _vector_columns(df)
-    }
+    return aggregates
+
+
+def vector_stats(aggregated: Row, columns: Sequence[str]) -> dict[str, VectorStats]:
+    """The stats per vector column from the row that `vector_aggregates` (over a frame with `columns`) produced."""
+    fields = VectorStats.__dataclass_fields__
+    return {column: VectorStats(**{f: aggregated[f"{column}.{f}"] for f in fields}) for column in _vector_columns(columns)}
+
+
+def _vector_columns(columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if c.endswith("embedding")]
 
 
 def drift(staged: DataFrame, stored: DataFrame | None, key: Sequence[str], hash_column: str) -> Drift:

@@ -15,14 +15,14 @@ ROWS = "listing_id string, model_id string, text_hash string, embedding array<fl
 def test_vector_stats_count_non_finite_vectors_and_take_norms_of_the_rest(spark):
     vectors = [[3.0, 4.0], [1.0, 0.0], [0.6, 0.8], [math.nan, 0.0], [math.inf, 1.0], None]
     df = spark.createDataFrame([(str(i), v, [1.0, 0.0]) for i, v in enumerate(vectors)], "id string, embedding array<float>, other_embedding array<float>")
-    stats = quality.vector_stats(df)
+    stats = quality.vector_stats(df.agg(*quality.vector_aggregates(df)).first(), df.columns)
     norms = np.linalg.norm(np.array(vectors[:3]), axis=1)
     s = stats["embedding"]
     assert (s.vectors, s.non_finite) == (5, 2)
     assert (s.norm_min, s.norm_max) == pytest.approx((norms.min(), norms.max()))
     assert s.norm_mean == pytest.approx(norms.mean())
     assert stats["other_embedding"] == quality.VectorStats(6, 0, 1.0, 1.0, 1.0)
-    assert quality.vector_stats(df.select("id")) == {}
+    assert quality.vector_aggregates(df.select("id")) == [] and quality.vector_stats(None, ["id"]) == {}
 
 
 def test_drift_compares_only_unchanged_ok_rows_of_the_same_model(spark):
