@@ -9,6 +9,7 @@ project's run folder (`.depop_embed/`), on Databricks the workspace and the Unit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -97,8 +98,8 @@ class RunTracker:
         metrics: dict[str, float | None] = {}
         for table, columns in stats.items():
             for column, s in columns.items():
-                for field in ("vectors", "non_finite", "norm_min", "norm_mean", "norm_max"):
-                    metrics[f"{table}/{column}_{field}"] = getattr(s, field)
+                for field, value in dataclasses.asdict(s).items():
+                    metrics[f"{table}/{column}_{field}"] = value
         for table, d in drifts.items():
             metrics[f"{table}/rows_unchanged"] = d.rows
             metrics[f"{table}/drift_mean_cosine"] = d.mean_cosine
