@@ -31,6 +31,7 @@ LISTING_COLUMNS = (
     "colour", "price", "currency", "status", "updated_at",
 )
 IMAGE_COLUMNS = ("listing_id", "image_id", "position", "uri", "updated_at")
+OUTPUT_TABLES = ("listing_image_embeddings", "listing_text_embeddings", "listing_embeddings")
 
 _UC_SCHEMA = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
 # A registered model pinned to a version or followed through an alias (stages and 'latest' move
@@ -138,6 +139,20 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class IncrementalConfig:
+    full_refresh: bool = False  # re-embed every text and photo for this model, not only what changed
+    # A listing gone from the source is deactivated at once, and all its rows are deleted this many
+    # days later.
+    retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    # Fault injection for tests: SIGKILL the driver just before committing to this table ("" = never).
+    kill_before_commit: str = ""
+
+
+@dataclass(frozen=True)
 class SparkConfig:
     master: str = "local[*]"  # used only when no session or spark-submit master exists
     app_name: str = "depop-embed"
@@ -154,7 +169,9 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
     @property
@@ -353,6 +370,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"tracking.{key}: required")
     if tr.error_sample_rows < 0:
         raise ConfigError(f"tracking.error_sample_rows: must be >= 0, got {tr.error_sample_rows}")
+    if cfg.incremental.retention_days < 0:
+        raise ConfigError(f"incremental.retention_days: must be >= 0, got {cfg.incremental.retention_days}")
+    if cfg.faults.kill_before_commit:
+        _one_of("faults.kill_before_commit", cfg.faults.kill_before_commit, OUTPUT_TABLES)
 
 
 def _one_of(key: str, value: str, allowed: Sequence[str]) -> None:

@@ -23,11 +23,20 @@ class PhotoError(Exception):
         self.code = code
 
 
-def read_bytes(uri: str) -> bytes:
+def local_path(uri: str) -> str | None:
+    """The filesystem path of a plain path or file: URI; None for other schemes."""
     parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return unquote(parsed.path)
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a Windows drive letter is a path
+        return uri
+    return None
+
+
+def read_bytes(uri: str) -> bytes:
+    path = local_path(uri)
     try:
-        if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a Windows drive letter is a path
-            path = unquote(parsed.path) if parsed.scheme == "file" else uri
+        if path is not None:
             with open(path, "rb") as fh:
                 return fh.read()
         import fsspec  # object stores (s3://, gs://, abfss://...) through whatever fsspec backend is installed

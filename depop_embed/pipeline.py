@@ -1,8 +1,11 @@
-"""One run of the embedding job: read -> render text -> encode -> stage -> check -> fuse -> commit.
+"""One run of the embedding job: read -> select work -> encode -> stage -> check -> fuse -> commit.
 
-Encoded rows are staged as Parquet before anything is committed, so the encoders run exactly once per
-row, the error-rate gate sees every row before any table changes, and each table then changes in a
-single MERGE commit.
+Only what changed is encoded (see `selection`). Encoded rows are staged as Parquet before anything is
+committed, so the encoders run exactly once per row and the quality gates see every row before any
+table changes; then each table changes in one MERGE commit (upserts, in-place updates and deletes
+together), in the order photos, texts, listings. A run killed anywhere leaves each table at a whole
+version, and the next run finishes the work: it compares the sources with what the tables hold, not
+with what the killed run meant to do.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,11 +23,12 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from depop_embed import __version__, encoders, fusion, listing_text, quality, registry, sources, tracking
+from depop_embed import __version__, encoders, fusion, listing_text, quality, registry, selection, sources, tracking
 from depop_embed.config import Config, ModelConfig
 from depop_embed.session import resolve_engine
 from depop_embed.tables import (
-    IMAGE_TABLE, LISTING_TABLE, TEXT_TABLE, DeltaRsWriter, SparkDeltaWriter, TableWriter,
+    DELETE, IMAGE_TABLE, LISTING_TABLE, META, OP_COLUMN, TABLES, TEXT_TABLE, UPSERT,
+    Commit, DeltaRsWriter, SparkDeltaWriter, TableSpec, TableWriter,
 )
 from depop_embed.udfs import (
     IMAGE_OUTPUT_SCHEMA, TEXT_OUTPUT_SCHEMA, CounterParam, EncodeSettings, encode_images, encode_texts,
@@ -35,7 +40,7 @@ _RENDERED_TEXT_SCHEMA = "listing_id string, text string, text_hash string, templ
 
 
 class RunFailed(RuntimeError):
-    """A quality gate was breached; nothing was committed."""
+    """A quality gate was breached, or another run got in the way; nothing was committed."""
 
 
 @dataclass
@@ -53,9 +58,10 @@ class Staged:
 @dataclass
 class TableResult:
     location: str
-    rows: int
+    rows: int  # rows encoded this run (photos, texts) or fused (listings)
     errors: int
-    version: int | None
+    changes: dict[str, int]  # MERGE source rows per operation: upsert / meta / delete
+    version: int | None  # the table's version after the run (unchanged when there was nothing to do)
 
 
 @dataclass
@@ -70,7 +76,8 @@ class RunSummary:
     def describe(self) -> str:
         lines = [f"run {self.run_id}: model {self.model_id}, {self.engine} engine, {self.seconds.get('total', 0):.1f}s"]
         for name, t in self.tables.items():
-            lines.append(f"  {name}: {t.rows} rows written ({t.errors} errors) -> {t.location} (version {t.version})")
+            changes = ", ".join(f"{op} {n}" for op, n in t.changes.items()) or "no change"
+            lines.append(f"  {name}: {changes} ({t.errors} errors) -> {t.location} (version {t.version})")
         for kind, batches in (("images", "image_batches"), ("texts", "text_batches")):
             rows, secs = self.stats.get(kind, 0), self.seconds.get(kind, 0.0)
             rate = rows / secs if secs else 0.0
@@ -82,60 +89,77 @@ class RunSummary:
 
 def run(spark: SparkSession, cfg: Config) -> RunSummary:
     """One job run, recorded as an MLflow run (FAILED, with the reason, when it raises)."""
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(timezone.utc)
+    run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     with tracking.tracked_run(cfg, run_id) as tracker:
-        summary = _run(spark, cfg, run_id, tracker)
+        summary = _run(spark, cfg, now, run_id, tracker)
         tracker.log_summary(summary)
     return summary
 
 
-def _run(spark: SparkSession, cfg: Config, run_id: str, tracker: tracking.RunTracker) -> RunSummary:
+def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: tracking.RunTracker) -> RunSummary:
     started = time.monotonic()
-    embedded_at = datetime.now(timezone.utc)
     engine = resolve_engine(spark, cfg)
     writer = _writer(spark, cfg, engine)
+    # A registered model's alias is resolved to one version here, once: the whole run uses that version.
+    model = registry.pin(cfg.model, cfg.tracking)
+    mid = encoders.model_id(model)
+    full_refresh = cfg.incremental.full_refresh
     staging = f"{cfg.staging_path.rstrip('/')}/{run_id}"
     stats = spark.sparkContext.accumulator({}, CounterParam())
     partitions = cfg.encode.partitions or spark.sparkContext.defaultParallelism
     # A runtime SQL setting, so it applies to an existing (Databricks) session too.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.encode.arrow_batch_size))
     seconds = tracker.seconds
+    # The versions this run's selection is computed against; a commit checks nobody of ours moved them.
+    read_versions = {spec.name: writer.version(spec) for spec in TABLES}
+    stored = {spec.name: writer.read(spec, read_versions[spec.name]).where(F.col("model_id") == mid) for spec in TABLES}
+    log.info(
+        "run %s: model %s, %s engine, tables under %s (versions %s)%s, Spark master %s",
+        run_id, mid, engine, cfg.output.location, read_versions, ", full refresh" if full_refresh else "",
+        spark.sparkContext.master,
+    )
 
-    src = None
+    tracker.log_params({"model_id": mid, "engine": engine, "run_id": run_id})
+
+    src = fingerprinted = None
     try:
-        # A registered model is pinned to one version for the whole run and downloaded once, here.
-        model, package_dir = registry.prepare(cfg.model, cfg.tracking, os.path.abspath(f"{staging}/model"))
-        mid = encoders.model_id(model)
+        # A registered model is downloaded once, for every worker to build from.
+        package_dir = registry.download(model, cfg.tracking, os.path.abspath(f"{staging}/model"))
         dim = encoders.embedding_dim(model, package_dir)
         settings = _encode_settings(spark, cfg, model, package_dir)
-        tracker.log_params({"model_id": mid, "engine": engine, "run_id": run_id})
-        log.info(
-            "run %s: model %s, %s engine, tables under %s, Spark master %s",
-            run_id, mid, engine, cfg.output.location, spark.sparkContext.master,
-        )
         src = sources.read(spark, cfg, engine)
-        rows_read = {"listings": src.listings.count(), "images": src.images.count()}
-        tracker.log_metrics({f"read/{name}": n for name, n in rows_read.items()})
-        _fail_if(quality.source_breaches(rows_read["listings"], cfg.thresholds))
-        log.info(
-            "to encode: %d listing texts, %d photos, in %d partitions (batches of %d photos / %d texts)",
-            rows_read["listings"], rows_read["images"], partitions,
-            settings.image_batch_size, settings.text_batch_size,
-        )
+        tracker.log_params({f"source.{name}": snapshot for name, snapshot in src.snapshot.items()})
         text_cfg = cfg.text
+        rendered = src.listings.mapInPandas(
+            lambda frames: (listing_text.render_frame(f, text_cfg) for f in frames), _RENDERED_TEXT_SCHEMA
+        )
+        text_todo = selection.texts_to_encode(rendered, stored[TEXT_TABLE.name], full_refresh)
+        fingerprinted = selection.fingerprint_photos(src.images).persist()
+        listed = src.listings.select("listing_id")
+        photo_plan = selection.plan_photos(fingerprinted, stored[IMAGE_TABLE.name], listed, full_refresh)
+        counts = {
+            "read/listings": src.listings.count(), "read/images": fingerprinted.count(),
+            "selected/texts": text_todo.count(), "selected/images": photo_plan.to_encode.count(),
+        }
+        tracker.log_metrics(counts)
+        _fail_if(quality.source_breaches(counts["read/listings"], cfg.thresholds))
+        log.info(
+            "to encode: %d of %d listing texts, %d of %d photos, in %d partitions (batches of %d photos / %d texts)",
+            counts["selected/texts"], counts["read/listings"], counts["selected/images"], counts["read/images"],
+            partitions, settings.image_batch_size, settings.text_batch_size,
+        )
         texts = (
-            src.listings.mapInPandas(
-                lambda frames: (listing_text.render_frame(f, text_cfg) for f in frames), _RENDERED_TEXT_SCHEMA
-            )
-            .repartition(partitions)
+            text_todo.repartition(partitions)
             .mapInPandas(encode_texts(settings, stats), TEXT_OUTPUT_SCHEMA)
-            .select("*", *_stamp(mid, embedded_at, "embedded_at"))
+            .select("*", *_stamp(mid, now, "embedded_at"))
         )
         images = (
-            src.images.select("listing_id", "image_id", "position", "uri")
+            photo_plan.to_encode.select("listing_id", "image_id", "position", "uri")
             .repartition(partitions)
             .mapInPandas(encode_images(settings, stats), IMAGE_OUTPUT_SCHEMA)
-            .select("*", *_stamp(mid, embedded_at, "embedded_at"))
+            .join(photo_plan.to_encode.select(*selection.IMAGE_KEY, "source_fingerprint"), selection.IMAGE_KEY, "left")
+            .select("*", *_stamp(mid, now, "embedded_at"))
         )
         staged = {
             TEXT_TABLE.name: _stage(spark, texts, f"{staging}/{TEXT_TABLE.name}", "texts", dim, seconds),
@@ -144,36 +168,123 @@ def _run(spark: SparkSession, cfg: Config, run_id: str, tracker: tracking.RunTra
         tracker.log_staged(staged, cfg.tracking.error_sample_rows)
         check_error_rates(staged, cfg.thresholds.max_error_rate)
 
-        listings = fusion.fuse(
-            src.listings, staged[TEXT_TABLE.name].df, staged[IMAGE_TABLE.name].df, cfg.fusion.image_weight
-        ).select("*", *_stamp(mid, embedded_at, "updated_at"))
-        staged[LISTING_TABLE.name] = _stage(spark, listings, f"{staging}/{LISTING_TABLE.name}", "listings", dim, seconds)
+        changes = _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats)
+        merges = {spec.name: _stage_merge(changes[spec.name], f"{staging}/merge/{spec.name}") for spec in TABLES}
+        fused = merges[LISTING_TABLE.name][0].where(F.col(OP_COLUMN) == UPSERT)
+        staged[LISTING_TABLE.name] = profile(fused, f"{staging}/merge/{LISTING_TABLE.name}", dim)
         tracker.log_staged({LISTING_TABLE.name: staged[LISTING_TABLE.name]}, cfg.tracking.error_sample_rows)
         check_dimensions(staged, dim)
-        vectors = {name: t.vectors for name, t in staged.items()}
         drifts = {
-            spec.name: quality.drift(staged[spec.name].df, writer.read(spark, spec), spec.key, hash_column)
+            spec.name: quality.drift(staged[spec.name].df, stored[spec.name], spec.key, hash_column)
             for spec, hash_column in ((IMAGE_TABLE, "content_hash"), (TEXT_TABLE, "text_hash"))
         }
+        vectors = {name: t.vectors for name, t in staged.items()}
         tracker.log_quality(vectors, drifts)
         _fail_if(quality.vector_breaches(vectors, drifts, cfg.thresholds))
 
-        commit_info = {"depop_embed.run_id": run_id, "depop_embed.model_id": mid, "depop_embed.version": __version__}
+        commit = Commit(
+            info={
+                "depop_embed.run_id": run_id,
+                "depop_embed.model_id": mid,
+                "depop_embed.version": __version__,
+                "depop_embed.full_refresh": str(full_refresh).lower(),
+                **{f"depop_embed.{name}_snapshot": snap for name, snap in src.snapshot.items()},
+            },
+            model_id=mid,
+            run_seq=int(now.timestamp() * 1000),
+        )
         results = {}
         commit_started = time.monotonic()
         for spec in (IMAGE_TABLE, TEXT_TABLE, LISTING_TABLE):
+            merge_df, counts = merges[spec.name]
+            version = read_versions[spec.name]
+            if sum(counts.values()):
+                if cfg.faults.kill_before_commit == spec.name:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                version = _commit(writer, spec, f"{staging}/merge/{spec.name}", read_versions[spec.name], commit)
+            elif version is None:  # nothing to write yet, but consumers can rely on the table existing
+                writer.ensure(spec)
+                version = writer.version(spec)
             table = staged[spec.name]
-            writer.merge(spec, table.path, commit_info)
-            results[spec.name] = TableResult(writer.location(spec), table.rows, table.errors, writer.version(spec))
+            results[spec.name] = TableResult(writer.location(spec), table.rows, table.errors, counts, version)
+        if writer.current_model() is None:  # the first model written becomes the one consumers read
+            writer.set_current_model(mid, f"run {run_id}")
         seconds["commit"] = time.monotonic() - commit_started
     finally:
         _remove(spark, staging)
-        if src is not None:
-            src.unpersist()
+        for df in (fingerprinted, src):
+            if df is not None:
+                df.unpersist()
     seconds["total"] = time.monotonic() - started
     summary = RunSummary(run_id, mid, engine, results, dict(stats.value), seconds)
     log.info("run %s done in %.1fs", run_id, seconds["total"])
     return summary
+
+
+def _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats) -> dict[str, DataFrame]:
+    """Each table's MERGE source for this run: upserts, in-place updates and deletes, with their `_op`."""
+    images_encoded, texts_encoded = staged[IMAGE_TABLE.name].df, staged[TEXT_TABLE.name].df
+    kept = selection.kept_good_vectors(images_encoded, stored[IMAGE_TABLE.name]).select(*selection.IMAGE_KEY)
+    kept_count = kept.count()
+    if kept_count:
+        log.warning("%d photos failed transiently and keep their stored good vector", kept_count)
+        stats.add({"images_kept_after_transient_error": kept_count})
+    image_upserts = images_encoded.join(kept, selection.IMAGE_KEY, "left_anti")
+    images_after = selection.after_run(stored[IMAGE_TABLE.name], image_upserts, photo_plan.removed, selection.IMAGE_KEY)
+    texts_after = selection.after_run(stored[TEXT_TABLE.name], texts_encoded, None, ["listing_id"])
+    to_fuse, flipped, purged = selection.plan_listings(
+        src.listings, texts_after, images_after, stored[LISTING_TABLE.name], cfg.fusion.image_weight,
+        cfg.incremental.full_refresh, now, cfg.incremental.retention_days,
+    )
+    fuse_ids = to_fuse.select("listing_id")
+    fused = fusion.fuse(
+        to_fuse,
+        texts_after.join(fuse_ids, "listing_id", "left_semi"),
+        images_after.join(fuse_ids, "listing_id", "left_semi"),
+        cfg.fusion.image_weight,
+    ).join(to_fuse.select("listing_id", "inputs_hash"), "listing_id")
+    model = [F.lit(mid).alias("model_id")]
+    purged_photos = stored[IMAGE_TABLE.name].join(purged, "listing_id", "left_semi").select(*selection.IMAGE_KEY)
+    return {
+        IMAGE_TABLE.name: _union(
+            IMAGE_TABLE,
+            (image_upserts, UPSERT),
+            (photo_plan.reordered.select("*", *model), META),
+            (photo_plan.removed.unionByName(purged_photos).select("*", *model), DELETE),
+        ),
+        TEXT_TABLE.name: _union(TEXT_TABLE, (texts_encoded, UPSERT), (purged.select("*", *model), DELETE)),
+        LISTING_TABLE.name: _union(
+            LISTING_TABLE,
+            (fused.select("*", *_stamp(mid, now, "updated_at")), UPSERT),
+            (flipped.select("*", *_stamp(mid, now, "updated_at")), META),
+            (purged.select("*", *model), DELETE),
+        ),
+    }
+
+
+def _union(spec: TableSpec, *parts: tuple[DataFrame, str]) -> DataFrame:
+    frames = [selection.with_op(rows, op, spec) for rows, op in parts]
+    result = frames[0]
+    for frame in frames[1:]:
+        result = result.unionByName(frame)
+    return result
+
+
+def _stage_merge(df: DataFrame, path: str) -> tuple[DataFrame, dict[str, int]]:
+    """Write a MERGE source once to Parquet; count its rows per operation."""
+    df.write.mode("overwrite").parquet(path)
+    staged = df.sparkSession.read.parquet(path)
+    counts = {row[OP_COLUMN]: int(row["n"]) for row in staged.groupBy(OP_COLUMN).agg(F.count("*").alias("n")).collect()}
+    return staged, {op: counts.get(op, 0) for op in (UPSERT, META, DELETE) if counts.get(op)}
+
+
+def _commit(writer: TableWriter, spec: TableSpec, path: str, read_version: int | None, commit: Commit) -> int | None:
+    from depop_embed.tables import ConcurrentRunError
+
+    try:
+        return writer.merge(spec, path, read_version, commit)
+    except ConcurrentRunError as exc:
+        raise RunFailed(f"another run is writing model {commit.model_id}: {exc}") from exc
 
 
 def check_error_rates(staged: dict[str, Staged], max_rate: float) -> None:
@@ -216,22 +327,26 @@ def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, dim: int, s
     """Run `df` once into Parquet at `path` and read it back (what follows never re-encodes); profile it."""
     started = time.monotonic()
     df.write.mode("overwrite").parquet(path)
-    staged = spark.read.parquet(path)
+    staged = profile(spark.read.parquet(path), path, dim)
     elapsed = seconds[what] = time.monotonic() - started
+    log.info("%s: %d rows in %.1fs (%.1f rows/s)", what, staged.rows, elapsed, staged.rows / elapsed if elapsed else 0.0)
+    return staged
+
+
+def profile(staged: DataFrame, path: str, dim: int) -> Staged:
+    """Rows, error rows, rows with a vector of the wrong dimension, and vector stats, in one pass."""
     is_error = F.col("status") == "error" if "status" in staged.columns else F.lit(False)
     wrong_dim = F.lit(False)
     for column in (c for c in staged.columns if c.endswith("embedding")):
         wrong_dim = wrong_dim | (F.col(column).isNotNull() & (F.size(column) != dim))
-    profile = staged.agg(
+    row = staged.agg(
         F.count("*").alias("rows"),
         F.count(F.when(is_error, 1)).alias("errors"),
         F.count(F.when(wrong_dim, 1)).alias("wrong_dims"),
         *quality.vector_aggregates(staged),
     ).first()
-    log.info("%s: %d rows in %.1fs (%.1f rows/s)", what, profile["rows"], elapsed, profile["rows"] / elapsed if elapsed else 0.0)
     return Staged(
-        staged, path, int(profile["rows"]), int(profile["errors"]), int(profile["wrong_dims"]),
-        quality.vector_stats(profile, staged.columns),
+        staged, path, int(row["rows"]), int(row["errors"]), int(row["wrong_dims"]), quality.vector_stats(row, staged.columns)
     )
 
 
@@ -254,7 +369,7 @@ def _stamp(model_id: str, at: datetime, time_column: str) -> list:
 def _writer(spark: SparkSession, cfg: Config, engine: str) -> TableWriter:
     if engine == "spark":
         return SparkDeltaWriter(spark, cfg.output.location, cfg.output.is_catalog)
-    return DeltaRsWriter(cfg.output.location)
+    return DeltaRsWriter(cfg.output.location, spark)
 
 
 def _remove(spark: SparkSession, path: str) -> None:
@@ -264,3 +379,15 @@ def _remove(spark: SparkSession, path: str) -> None:
         jvm_path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(jvm_path, True)
     except Exception:  # Spark Connect has no JVM handle; staging is then a local or mounted path
         shutil.rmtree(path, ignore_errors=True)
+
+
+def set_current_model(spark: SparkSession, cfg: Config, model_id: str, set_by: str) -> str | None:
+    """Point consumers at `model_id` (it must have fused rows); returns the model it replaced."""
+    writer = _writer(spark, cfg, resolve_engine(spark, cfg))
+    version = writer.version(LISTING_TABLE)
+    rows = writer.read(LISTING_TABLE, version).where(F.col("model_id") == model_id).limit(1).count()
+    if not rows:
+        raise RunFailed(f"model {model_id} has no rows in {writer.location(LISTING_TABLE)}: run the job with it first")
+    previous = writer.current_model()
+    writer.set_current_model(model_id, set_by)
+    return previous

@@ -66,11 +66,9 @@ def _vector_columns(columns: Sequence[str]) -> list[str]:
     return [c for c in columns if c.endswith("embedding")]
 
 
-def drift(staged: DataFrame, stored: DataFrame | None, key: Sequence[str], hash_column: str) -> Drift:
+def drift(staged: DataFrame, stored: DataFrame, key: Sequence[str], hash_column: str) -> Drift:
     """Compare this run's ok vectors (`embedding`) with the stored ok vectors of rows with the same key
     (model_id included) and the same `hash_column`."""
-    if stored is None:
-        return Drift(0, None)
 
     def ok_vectors(df: DataFrame, alias: str) -> DataFrame:
         return df.where("status = 'ok' AND embedding IS NOT NULL").select(*key, hash_column, F.col("embedding").alias(alias))

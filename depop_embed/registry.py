@@ -7,8 +7,9 @@ an `error` for photos that cannot be decoded. It builds its model through `encod
 through `photos`, as the embedding job does, so its vectors equal the tables'. The pyfunc is logged as
 code (`mlflow_model.py`), not pickled.
 
-The job runs a registered model by `models:/NAME/VERSION` or `models:/NAME@ALIAS`: `prepare` resolves an
-alias once, on the driver, and downloads that version's package to a folder the workers build from.
+The job runs a registered model by `models:/NAME/VERSION` or `models:/NAME@ALIAS`: `pin` resolves an
+alias once, on the driver, and `download` fetches that version's package to a folder the workers build
+from.
 """
 
 from __future__ import annotations
@@ -132,27 +133,28 @@ def register(cfg: Config, name: str, alias: str | None = None) -> str:
     return f"models:/{name}/{version}"
 
 
-def resolve(spec: str, tracking_cfg: TrackingConfig) -> str:
-    """`models:/NAME@ALIAS` -> the `models:/NAME/VERSION` the alias points at now; a version is checked to exist."""
-    match = REGISTERED_MODEL.match(spec)  # config.validate checked the form
+def pin(model: ModelConfig, tracking_cfg: TrackingConfig) -> ModelConfig:
+    """A registered model pinned to the version its alias points at now (a version is checked to exist);
+    any other model as it is."""
+    if model.registered is None:
+        return model
+    match = REGISTERED_MODEL.match(model.registered)  # config.validate checked the form
     tracking.configure(tracking_cfg)
     client = mlflow.MlflowClient()
     if match["alias"]:
         found = client.get_model_version_by_alias(match["name"], match["alias"])
     else:
         found = client.get_model_version(match["name"], match["version"])
-    return f"models:/{found.name}/{found.version}"
+    pinned = f"models:/{found.name}/{found.version}"
+    log.info("model %s is %s", model.registered, pinned)
+    return replace(model, registered=pinned)
 
 
-def prepare(model: ModelConfig, tracking_cfg: TrackingConfig, download_dir: str) -> tuple[ModelConfig, str | None]:
-    """The model a run encodes with: a registered model pinned to one version and downloaded to
-    `download_dir` (returned as the package folder); any other model as it is."""
+def download(model: ModelConfig, tracking_cfg: TrackingConfig, download_dir: str) -> str | None:
+    """The package folder of a pinned registered model, downloaded to `download_dir`; None for other models."""
     if model.registered is None:
-        return model, None
-    pinned = resolve(model.registered, tracking_cfg)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=download_dir)
+        return None
+    tracking.configure(tracking_cfg)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model.registered, dst_path=download_dir)
     flavor = Model.load(local).flavors["python_function"]
-    package_dir = str(Path(local) / flavor["artifacts"][PACKAGE_ARTIFACT]["path"])
-    log.info("model %s is %s, downloaded to %s", model.registered, pinned, package_dir)
-    return replace(model, registered=pinned), package_dir
-
+    return str(Path(local) / flavor["artifacts"][PACKAGE_ARTIFACT]["path"])

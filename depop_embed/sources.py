@@ -9,7 +9,8 @@ relative photo URIs are made absolute against `images.uri_root`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -28,6 +29,8 @@ class SourceError(ValueError):
 class Sources:
     listings: DataFrame  # LISTING_COLUMNS, one row per listing_id
     images: DataFrame  # IMAGE_COLUMNS with `uri` absolute, one row per (listing_id, image_id), listing exists
+    # What was read, for the commit metadata: a Delta version, or the files and when they were read.
+    snapshot: dict[str, str] = field(default_factory=dict)
 
     def unpersist(self) -> None:
         self.listings.unpersist()
@@ -36,16 +39,18 @@ class Sources:
 
 def read(spark: SparkSession, cfg: Config, engine: str) -> Sources:
     """The run's view of both sources, persisted: every later step sees the same snapshot."""
-    listings = _conform(_read_table(spark, cfg.listings, engine), "listings", LISTING_COLUMNS, _LISTING_TYPES)
+    raw_listings, listings_snapshot = _read_table(spark, cfg.listings, engine)
+    raw_images, images_snapshot = _read_table(spark, cfg.images, engine)
+    listings = _conform(raw_listings, "listings", LISTING_COLUMNS, _LISTING_TYPES)
     listings = latest_per_key(listings, ["listing_id"]).persist()
-    images = _conform(_read_table(spark, cfg.images, engine), "images", IMAGE_COLUMNS, _IMAGE_TYPES)
+    images = _conform(raw_images, "images", IMAGE_COLUMNS, _IMAGE_TYPES)
     images = (
         latest_per_key(images, ["listing_id", "image_id"])
         .join(listings.select("listing_id"), "listing_id", "left_semi")
         .withColumn("uri", _absolute_uri(F.col("uri"), uri_root(cfg.images)))
         .persist()
     )
-    return Sources(listings=listings, images=images)
+    return Sources(listings, images, {"listings": listings_snapshot, "images": images_snapshot})
 
 
 def latest_per_key(df: DataFrame, key: list[str]) -> DataFrame:
@@ -72,18 +77,22 @@ def _absolute_uri(uri, root: str):
     return F.when(is_absolute | (F.lit(root) == ""), uri).otherwise(F.concat(F.lit(root + "/"), uri))
 
 
-def _read_table(spark: SparkSession, src: SourceConfig, engine: str) -> DataFrame:
+def _read_table(spark: SparkSession, src: SourceConfig, engine: str) -> tuple[DataFrame, str]:
+    """-> (rows, snapshot): a Delta source is read at one version, which the snapshot names."""
+    read_at = f"{src.format}:{src.path} read at {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
     try:
         if src.format == "delta":
             if engine == "spark":
-                reader = spark.read.format("delta")
-                return reader.load(src.path) if "/" in src.path else spark.read.table(src.path)
+                ident = f"delta.`{src.path}`" if "/" in src.path else src.path
+                version = spark.sql(f"DESCRIBE HISTORY {ident} LIMIT 1").first()["version"]
+                return spark.sql(f"SELECT * FROM {ident} VERSION AS OF {version}"), f"delta:{src.path}@v{version}"
             from deltalake import DeltaTable
 
-            return spark.createDataFrame(DeltaTable(src.path).to_pyarrow_table())
+            table = DeltaTable(src.path)
+            return spark.createDataFrame(table.to_pyarrow_table()), f"delta:{src.path}@v{table.version()}"
         if src.format == "csv":
-            return spark.read.options(header=True, multiLine=True, escape='"').csv(src.path)
-        return spark.read.format(src.format).load(src.path)
+            return spark.read.options(header=True, multiLine=True, escape='"').csv(src.path), read_at
+        return spark.read.format(src.format).load(src.path), read_at
     except Exception as exc:  # Spark's AnalysisException, delta-rs's TableNotFoundError, ...
         raise SourceError(f"cannot read {src.format} table at {src.path}: {exc}") from exc
 

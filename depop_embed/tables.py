@@ -6,7 +6,10 @@ the two Delta engines write the same tables:
 * `SparkDeltaWriter`: Spark's own Delta connector (Databricks, or a session with the Delta jars).
 * `DeltaRsWriter`: delta-rs (`deltalake`), for machines where the connector's jars are not available.
 
-Each `merge` is one Delta commit per table: MERGE on the table's key, carrying the run's metadata.
+A run changes each table in one Delta commit: a MERGE on the table's key whose source rows carry an
+operation (`_op`): `upsert` a whole row, `meta` update only the spec's `meta_columns` (no new vector),
+or `delete`. The commit carries the run's metadata and an idempotent-write transaction id, and is refused
+when another run of the same model committed to the table after this run read it.
 """
 
 from __future__ import annotations
@@ -40,12 +43,21 @@ class Column:
     comment: str
 
 
+OP_COLUMN = "_op"
+UPSERT, META, DELETE = "upsert", "meta", "delete"
+
+
+class ConcurrentRunError(RuntimeError):
+    """Another run of the same model committed to a table after this run read it."""
+
+
 @dataclass(frozen=True)
 class TableSpec:
     name: str
     key: tuple[str, ...]
     columns: tuple[Column, ...]
     comment: str
+    meta_columns: tuple[str, ...] = ()  # updated in place by a `meta` row, without a new vector
 
     @property
     def column_names(self) -> list[str]:
@@ -65,6 +77,24 @@ class TableSpec:
 
     def merge_predicate(self, target: str = "t", source: str = "s") -> str:
         return " AND ".join(f"{target}.`{k}` = {source}.`{k}`" for k in self.key)
+
+    def spark_type(self, column: str) -> str:
+        return next(_SPARK_TYPES[c.type] for c in self.columns if c.name == column)
+
+    def merge_source_schema(self) -> pa.Schema:
+        """The staged MERGE source: the table's columns, all but the key nullable (delete rows), plus `_op`."""
+        fields = [f if f.name in self.key else f.with_nullable(True) for f in self.arrow_schema()]
+        return pa.schema([*fields, pa.field(OP_COLUMN, pa.string(), False)])
+
+    def merge_clauses(self) -> list[tuple[str, str, dict[str, str]]]:
+        """(clause, condition, assignments), in order, shared by both engines."""
+        every = {c: f"s.`{c}`" for c in self.column_names}
+        clauses = [("matched_delete", f"s.{OP_COLUMN} = '{DELETE}'", {})]
+        if self.meta_columns:
+            clauses.append(("matched_update", f"s.{OP_COLUMN} = '{META}'", {c: f"s.`{c}`" for c in self.meta_columns}))
+        clauses.append(("matched_update", f"s.{OP_COLUMN} = '{UPSERT}'", {c: v for c, v in every.items() if c not in self.key}))
+        clauses.append(("not_matched_insert", f"s.{OP_COLUMN} = '{UPSERT}'", every))
+        return clauses
 
 
 _LISTING_ID = Column("listing_id", "string", False, "Listing identifier (join key for every consumer).")
@@ -88,12 +118,14 @@ IMAGE_TABLE = TableSpec(
         Column("position", "int", True, "Order of the photo in the listing (0 = cover)."),
         Column("image_uri", "string", True, "Where the photo was read from."),
         Column("content_hash", "string", True, "SHA-256 of the photo bytes that were embedded."),
+        Column("source_fingerprint", "string", True, "URI + size + modification time (or source updated_at) of the photo when it was embedded; a change re-embeds it."),
         _vector("embedding", "Image embedding"),
         _STATUS,
         _ERROR,
         _EMBEDDED_AT,
     ),
     comment="One CLIP image embedding per listing photo and model.",
+    meta_columns=("position",),
 )
 
 TEXT_TABLE = TableSpec(
@@ -123,13 +155,41 @@ LISTING_TABLE = TableSpec(
         _vector("text_embedding", "The listing's text vector"),
         _vector("multimodal_embedding", "Weighted mix of image_embedding and text_embedding, renormalised"),
         Column("n_images", "int", False, "Number of photos pooled into image_embedding."),
-        Column("is_active", "boolean", False, "False once the listing is sold or deleted."),
+        Column("is_active", "boolean", False, "False once the listing is sold, deleted or gone from the source."),
+        Column("inputs_hash", "string", False, "Hash of the text and photo rows this row was fused from; a change re-fuses it."),
         Column("updated_at", "timestamp", False, "When this row was last written (UTC)."),
     ),
     comment="One fused embedding row per listing and model: the feature most consumers read.",
+    meta_columns=("is_active", "updated_at"),
 )
 
 TABLES = (IMAGE_TABLE, TEXT_TABLE, LISTING_TABLE)
+
+CURRENT_MODEL_TABLE = TableSpec(
+    name="current_model",
+    key=("name",),
+    columns=(
+        Column("name", "string", False, "Pointer name; consumers read 'default'."),
+        _MODEL_ID,
+        Column("set_at", "timestamp", False, "When the pointer was last set (UTC)."),
+        Column("set_by", "string", True, "The run or command that set it."),
+    ),
+    comment="Which model_id consumers read from the embedding tables: switching models is one row update.",
+)
+DEFAULT_POINTER = "default"
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What a run stamps on its commits: metadata, and an idempotent-write id for this model's runs."""
+
+    info: Mapping[str, Any]  # commit metadata (run id, model id, source snapshot...)
+    model_id: str
+    run_seq: int  # increases from run to run (the run's start, epoch ms): the transaction version
+
+    @property
+    def app_id(self) -> str:
+        return f"depop_embed/{self.model_id}"
 
 
 class TableWriter(Protocol):
@@ -139,18 +199,31 @@ class TableWriter(Protocol):
 
     def version(self, spec: TableSpec) -> int | None: ...
 
-    def merge(self, spec: TableSpec, staged_path: str, commit_info: Mapping[str, Any]) -> dict[str, Any]: ...
+    def read(self, spec: TableSpec, version: int | None): ...  # a Spark DataFrame of the table at `version`
 
-    def read(self, spark, spec: TableSpec): ...
+    def merge(self, spec: TableSpec, staged_path: str, read_version: int | None, commit: Commit) -> int | None: ...
+
+
+def check_no_concurrent_run(spec: TableSpec, history_since_read: list[Mapping[str, Any]], commit: Commit, read_version) -> None:
+    """Runs of other models may commit meanwhile (their rows are disjoint); a run of ours may not."""
+    for entry in history_since_read:
+        if entry.get("depop_embed.model_id") == commit.model_id:
+            raise ConcurrentRunError(
+                f"{spec.name}: run {entry.get('depop_embed.run_id')} of model {commit.model_id} committed version "
+                f"{entry.get('version')} after this run read version {read_version}; nothing of this run was committed "
+                "to it. Run the job again: it will pick up from the new state."
+            )
 
 
 class DeltaRsWriter:
     """Tables in a folder, written with delta-rs; the source rows come from the staged Parquet."""
 
     engine = "delta-rs"
+    attempts = 3
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, spark=None):
         self.root = root.rstrip("/")
+        self.spark = spark
 
     def location(self, spec: TableSpec) -> str:
         return f"{self.root}/{spec.name}"
@@ -160,14 +233,6 @@ class DeltaRsWriter:
 
         path = self.location(spec)
         return DeltaTable(path).version() if DeltaTable.is_deltatable(path) else None
-
-    def read(self, spark, spec: TableSpec):
-        """The table's current rows in Spark (its data files at the current version), or None when there are none."""
-        from deltalake import DeltaTable
-
-        path = self.location(spec)
-        files = DeltaTable(path).file_uris() if DeltaTable.is_deltatable(path) else []
-        return spark.read.parquet(*files) if files else None
 
     def ensure(self, spec: TableSpec):
         from deltalake import DeltaTable
@@ -181,25 +246,79 @@ class DeltaRsWriter:
             configuration={CDF_PROPERTY: "true"},
         )
 
-    def merge(self, spec: TableSpec, staged_path: str, commit_info: Mapping[str, Any]) -> dict[str, Any]:
+    def read(self, spec: TableSpec, version: int | None):
+        """The table's rows at `version` as a Spark DataFrame over its Parquet files (delta-rs writes no deletion vectors)."""
+        from deltalake import DeltaTable
+
+        files = DeltaTable(self.location(spec), version=version).file_uris() if version is not None else []
+        if not files:
+            return self.spark.createDataFrame([], _spark_schema(spec))
+        return self.spark.read.parquet(*files).select(*spec.column_names)
+
+    def history_since(self, spec: TableSpec, version: int | None) -> list[dict[str, Any]]:
+        from deltalake import DeltaTable
+
+        if version is None or not DeltaTable.is_deltatable(self.location(spec)):
+            return []
+        return [h for h in DeltaTable(self.location(spec)).history() if h.get("version", -1) > version]
+
+    def merge(self, spec: TableSpec, staged_path: str, read_version: int | None, commit: Commit) -> int | None:
+        """One MERGE commit; retried when a run of another model committed in between. Returns the new version."""
         import pyarrow.dataset as ds
         from deltalake import CommitProperties
+        from deltalake.exceptions import CommitFailedError
+        from deltalake.transaction import Transaction
 
-        table = self.ensure(spec)
         source = (
             ds.dataset(staged_path, format="parquet")
-            .to_table(columns=spec.column_names)
-            .sort_by([(k, "ascending") for k in spec.key])  # keeps files ordered by listing_id
-            .cast(spec.arrow_schema())
+            .to_table(columns=[*spec.column_names, OP_COLUMN])
+            .sort_by([(k, "ascending") for k in spec.key])  # keeps files ordered by the key
+            .cast(spec.merge_source_schema())
         )
-        return (
-            table.merge(
-                source,
-                spec.merge_predicate(),
-                source_alias="s",
-                target_alias="t",
-                commit_properties=CommitProperties(custom_metadata=dict(commit_info)),
-            )
+        properties = CommitProperties(
+            custom_metadata={k: str(v) for k, v in commit.info.items()},
+            app_transactions=[Transaction(commit.app_id, commit.run_seq)],
+        )
+        for attempt in range(self.attempts):
+            check_no_concurrent_run(spec, self.history_since(spec, read_version), commit, read_version)
+            table = self.ensure(spec)
+            if (table.transaction_version(commit.app_id) or -1) >= commit.run_seq:
+                log.info("%s: this run's commit is already in the table (version %d)", spec.name, table.version())
+                return table.version()
+            merger = table.merge(source, spec.merge_predicate(), source_alias="s", target_alias="t", commit_properties=properties)
+            for clause, condition, assignments in spec.merge_clauses():
+                if clause == "matched_delete":
+                    merger = merger.when_matched_delete(predicate=condition)
+                elif clause == "matched_update":
+                    merger = merger.when_matched_update(assignments, predicate=condition)
+                else:
+                    merger = merger.when_not_matched_insert(assignments, predicate=condition)
+            try:
+                merger.execute()
+                return self.version(spec)
+            except CommitFailedError as exc:  # someone committed between our load and our commit
+                log.warning("%s: commit attempt %d failed (%s); checking who committed", spec.name, attempt + 1, exc)
+        raise ConcurrentRunError(f"{spec.name}: could not commit after {self.attempts} attempts: the table keeps changing")
+
+    def current_model(self) -> str | None:
+        from deltalake import DeltaTable
+
+        path = self.location(CURRENT_MODEL_TABLE)
+        if not DeltaTable.is_deltatable(path):
+            return None
+        rows = DeltaTable(path).to_pyarrow_table(filters=[("name", "=", DEFAULT_POINTER)]).to_pylist()
+        return rows[0]["model_id"] if rows else None
+
+    def set_current_model(self, model_id: str, set_by: str) -> None:
+        import pyarrow as pa
+
+        row = pa.Table.from_pylist(
+            [{"name": DEFAULT_POINTER, "model_id": model_id, "set_at": _now(), "set_by": set_by}],
+            schema=CURRENT_MODEL_TABLE.arrow_schema(),
+        )
+        (
+            self.ensure(CURRENT_MODEL_TABLE)
+            .merge(row, CURRENT_MODEL_TABLE.merge_predicate(), source_alias="s", target_alias="t")
             .when_matched_update_all()
             .when_not_matched_insert_all()
             .execute()
@@ -219,47 +338,110 @@ class SparkDeltaWriter:
     def location(self, spec: TableSpec) -> str:
         return f"{self.root}.{spec.name}" if self.is_catalog else f"{self.root}/{spec.name}"
 
-    def _ident(self, spec: TableSpec) -> str:
+    def _ident(self, spec: TableSpec, suffix: str = "") -> str:
         if self.is_catalog:
-            return ".".join(f"`{p}`" for p in self.location(spec).split("."))
+            return ".".join(f"`{p}`" for p in (self.location(spec) + suffix).split("."))
         return f"delta.`{self.location(spec)}`"
 
-    def version(self, spec: TableSpec) -> int | None:
+    def _history(self, spec: TableSpec, limit: str = "") -> list:
         try:
-            row = self.spark.sql(f"DESCRIBE HISTORY {self._ident(spec)} LIMIT 1").first()
+            return self.spark.sql(f"DESCRIBE HISTORY {self._ident(spec)} {limit}").collect()
         except Exception:  # AnalysisException: the table does not exist yet
-            return None
-        return int(row["version"]) if row else None
+            return []
 
-    def read(self, spark, spec: TableSpec):
-        """The table's current rows, or None when it does not exist yet."""
-        try:
-            return self.spark.table(self.location(spec)) if self.is_catalog else self.spark.read.format("delta").load(self.location(spec))
-        except Exception:  # AnalysisException: the table does not exist yet
-            return None
+    def version(self, spec: TableSpec) -> int | None:
+        rows = self._history(spec, "LIMIT 1")
+        return int(rows[0]["version"]) if rows else None
 
     def ensure(self, spec: TableSpec) -> None:
         self.spark.sql(
             f"CREATE TABLE IF NOT EXISTS {self._ident(spec)} ({spec.spark_ddl()}) USING DELTA "
-            f"CLUSTER BY (listing_id) COMMENT {_sql_str(spec.comment)} "
+            f"CLUSTER BY ({spec.key[0]}) COMMENT {_sql_str(spec.comment)} "
             f"TBLPROPERTIES ('{CDF_PROPERTY}' = 'true')"
         )
 
-    def merge(self, spec: TableSpec, staged_path: str, commit_info: Mapping[str, Any]) -> dict[str, Any]:
+    def read(self, spec: TableSpec, version: int | None):
+        if version is None:
+            return self.spark.createDataFrame([], _spark_schema(spec))
+        return self.spark.sql(f"SELECT * FROM {self._ident(spec)} VERSION AS OF {int(version)}").select(*spec.column_names)
+
+    def history_since(self, spec: TableSpec, version: int | None) -> list[dict[str, Any]]:
+        if version is None:
+            return []
+        entries = []
+        for row in self._history(spec):
+            if int(row["version"]) > version:
+                info = json.loads(row["userMetadata"]) if row["userMetadata"] else {}
+                entries.append({**info, "version": int(row["version"])})
+        return entries
+
+    def merge(self, spec: TableSpec, staged_path: str, read_version: int | None, commit: Commit) -> int | None:
+        """One MERGE INTO; Delta skips it when this (app id, run) transaction is already in the table."""
+        check_no_concurrent_run(spec, self.history_since(spec, read_version), commit, read_version)
         self.ensure(spec)
         view = f"depop_embed_stage_{spec.name}_{uuid.uuid4().hex[:8]}"
-        self.spark.read.parquet(staged_path).select(*spec.column_names).createOrReplaceTempView(view)
-        conf_key = "spark.databricks.delta.commitInfo.userMetadata"
-        self.spark.conf.set(conf_key, json.dumps(dict(commit_info), sort_keys=True))
+        self.spark.read.parquet(staged_path).select(*spec.column_names, OP_COLUMN).createOrReplaceTempView(view)
+        clauses = []
+        for clause, condition, assignments in spec.merge_clauses():
+            if clause == "matched_delete":
+                clauses.append(f"WHEN MATCHED AND {condition} THEN DELETE")
+            elif clause == "matched_update":
+                sets = ", ".join(f"t.`{c}` = {v}" for c, v in assignments.items())
+                clauses.append(f"WHEN MATCHED AND {condition} THEN UPDATE SET {sets}")
+            else:
+                clauses.append(
+                    f"WHEN NOT MATCHED AND {condition} THEN INSERT ({', '.join(f'`{c}`' for c in assignments)}) "
+                    f"VALUES ({', '.join(assignments.values())})"
+                )
+        run_conf = {
+            "spark.databricks.delta.commitInfo.userMetadata": json.dumps(dict(commit.info), sort_keys=True),
+            "spark.databricks.delta.write.txnAppId": commit.app_id,
+            "spark.databricks.delta.write.txnVersion": str(commit.run_seq),
+        }
+        for key, value in run_conf.items():
+            self.spark.conf.set(key, value)
         try:
-            metrics = self.spark.sql(
-                f"MERGE INTO {self._ident(spec)} t USING {view} s ON {spec.merge_predicate()} "
-                "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
-            ).first()
+            self.spark.sql(
+                f"MERGE INTO {self._ident(spec)} t USING {view} s ON {spec.merge_predicate()} " + " ".join(clauses)
+            ).collect()
         finally:
-            self.spark.conf.unset(conf_key)
+            for key in run_conf:
+                self.spark.conf.unset(key)
             self.spark.catalog.dropTempView(view)
-        return metrics.asDict() if metrics else {}
+        return self.version(spec)
+
+    def current_model(self) -> str | None:
+        if not self._history(CURRENT_MODEL_TABLE, "LIMIT 1"):
+            return None
+        row = self.spark.sql(
+            f"SELECT model_id FROM {self._ident(CURRENT_MODEL_TABLE)} WHERE name = '{DEFAULT_POINTER}'"
+        ).first()
+        return row["model_id"] if row else None
+
+    def set_current_model(self, model_id: str, set_by: str) -> None:
+        """Upsert the pointer; in Unity Catalog also (re)create `<table>_current` views that follow it."""
+        self.ensure(CURRENT_MODEL_TABLE)
+        self.spark.sql(
+            f"MERGE INTO {self._ident(CURRENT_MODEL_TABLE)} t USING (SELECT '{DEFAULT_POINTER}' AS name, "
+            f"{_sql_str(model_id)} AS model_id, current_timestamp() AS set_at, {_sql_str(set_by)} AS set_by) s "
+            f"ON {CURRENT_MODEL_TABLE.merge_predicate()} WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+        )
+        if self.is_catalog:
+            for spec in TABLES:
+                self.spark.sql(
+                    f"CREATE OR REPLACE VIEW {self._ident(spec, '_current')} AS SELECT * FROM {self._ident(spec)} "
+                    f"WHERE model_id = (SELECT model_id FROM {self._ident(CURRENT_MODEL_TABLE)} WHERE name = '{DEFAULT_POINTER}')"
+                )
+
+
+def _spark_schema(spec: TableSpec) -> str:
+    return ", ".join(f"`{c.name}` {spec.spark_type(c.name)}" for c in spec.columns)
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
 
 
 def _sql_str(text: str) -> str:

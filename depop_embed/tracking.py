@@ -10,6 +10,7 @@ project's run folder (`.depop_embed/`), on Databricks the workspace and the Unit
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from depop_embed import __version__
-from depop_embed.config import Config, SourceConfig, TrackingConfig, as_dict
+from depop_embed.config import Config, TrackingConfig, as_dict
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,16 @@ def configure(tracking: TrackingConfig) -> None:
     import mlflow
 
     uri = tracking.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(tracking.registry_uri or uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # MLflow creates a new SQLite store's tables unguarded, and two first runs at once collide
+        # ("table alembic_version already exists"): open the store under a lock.
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            mlflow.MlflowClient().search_experiments(max_results=1)
 
 
 def experiment_id(tracking: TrackingConfig) -> str:
@@ -110,6 +117,7 @@ class RunTracker:
         metrics: dict[str, float | None] = {}
         for name, table in summary.tables.items():
             metrics[f"{name}/version"] = table.version
+            metrics.update({f"{name}/{op}": n for op, n in table.changes.items()})
         for kind in ("images", "texts"):
             rows, secs = summary.stats.get(kind, 0), self.seconds.get(kind, 0.0)
             metrics[f"throughput/{kind}_per_s"] = rows / secs if secs else None
@@ -129,7 +137,6 @@ def tracked_run(cfg: Config, run_name: str) -> Iterator[RunTracker]:
     tracker = RunTracker(client, run.info.run_id)
     settings = as_dict(cfg)
     tracker.log_params(_flatten(settings))
-    tracker.log_params(source_params(cfg))
     client.log_text(run.info.run_id, yaml.safe_dump(settings, sort_keys=False), "config.yaml")
     started = time.monotonic()
     status = "FAILED"
@@ -144,28 +151,6 @@ def tracked_run(cfg: Config, run_name: str) -> Iterator[RunTracker]:
         tracker.log_metrics({f"seconds/{stage}": secs for stage, secs in tracker.seconds.items()})
         client.set_terminated(run.info.run_id, status)
         log.info("MLflow run %s (%s) in experiment %s: %s", run.info.run_id, run_name, cfg.tracking.experiment, status)
-
-
-def source_params(cfg: Config) -> dict[str, Any]:
-    """Where the sources were read from and, for Delta sources, their version when the run started."""
-    params: dict[str, Any] = {}
-    for name in ("listings", "images"):
-        src: SourceConfig = getattr(cfg, name)
-        params[f"source.{name}"] = f"{src.format}:{src.path}"
-        if src.format == "delta" and "/" in src.path:
-            version = _delta_version(src.path)
-            if version is not None:
-                params[f"source.{name}.version"] = version
-    return params
-
-
-def _delta_version(path: str) -> int | None:
-    from deltalake import DeltaTable
-
-    try:
-        return DeltaTable(path).version()
-    except Exception:  # unreadable here (e.g. a cloud path without credentials): the read will say why
-        return None
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -17,6 +17,10 @@ from depop_embed.session import get_spark
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(parser)
+    parser.add_argument(
+        "--full-refresh", action="store_true",
+        help="re-embed every listing and photo for the model, not only what changed (= --set incremental.full_refresh=true)",
+    )
     return parser
 
 
@@ -24,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.full_refresh:
+        args.overrides.append("incremental.full_refresh=true")
     cfg = config.from_arguments(parser, args)
     spark = get_spark(cfg)
     try:

@@ -51,8 +51,8 @@ def test_spark_submit_runs_the_job_end_to_end(tmp_path: Path):
     # spark-submit's master wins over conf's local[*]; spark-submit sends the driver's logs to stdout.
     assert "Spark master local[1]" in result.stdout + result.stderr
     summary = result.stdout
-    assert f"listing_image_embeddings: {catalogue.n_photos} rows written (0 errors)" in summary
-    assert f"listing_text_embeddings: {catalogue.n_listings} rows written" in summary
+    assert f"listing_image_embeddings: upsert {catalogue.n_photos} (0 errors)" in summary
+    assert f"listing_text_embeddings: upsert {catalogue.n_listings} (0 errors)" in summary
     assert "encoded" in summary and "/s)" in summary
     for spec in TABLES:
         assert DeltaTable(str(tmp_path / "tables" / spec.name)).version() == 1

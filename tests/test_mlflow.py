@@ -43,8 +43,10 @@ def register_tiny(tmp_path, seed: int) -> None:
     assert job_main("register_model")(argv) == 0
 
 
-def with_model(cfg: config.Config, registered: str) -> config.Config:
-    return replace(cfg, model=replace(cfg.model, registered=registered))
+def with_model(cfg: config.Config, registered: str, full_refresh: bool = False) -> config.Config:
+    return replace(
+        cfg, model=replace(cfg.model, registered=registered), incremental=replace(cfg.incremental, full_refresh=full_refresh)
+    )
 
 
 def table(cfg, spec) -> pd.DataFrame:
@@ -113,8 +115,9 @@ def test_the_run_is_tracked_with_params_metrics_and_artifacts(version_run, catal
     params, metrics = run.data.params, run.data.metrics
     assert params["model_id"] == f"registered/{NAME}/1" and params["model.registered"] == f"models:/{NAME}/1"
     assert params["thresholds.max_error_rate"] == "0.05" and params["text.template"].startswith('["{title}"')
-    assert params["source.listings"] == f"json:{catalogue.listings_path}"
-    assert metrics["read/listings"] == catalogue.n_listings and metrics["read/images"] == catalogue.n_photos
+    assert params["source.listings"].startswith(f"json:{catalogue.listings_path} read at ")
+    assert metrics["read/listings"] == metrics["selected/texts"] == catalogue.n_listings
+    assert metrics["read/images"] == metrics["selected/images"] == catalogue.n_photos
     rows = {IMAGE_TABLE.name: catalogue.n_photos, TEXT_TABLE.name: catalogue.n_listings, LISTING_TABLE.name: catalogue.n_listings}
     for name, n in rows.items():
         assert metrics[f"{name}/rows_selected"] == metrics[f"{name}/rows_encoded"] == n
@@ -137,12 +140,13 @@ def test_the_run_is_tracked_with_params_metrics_and_artifacts(version_run, catal
 
 def test_an_alias_is_pinned_to_its_version_and_unchanged_rows_show_no_drift(spark, version_run, tmp_path):
     cfg, first = version_run
-    by_alias = pipeline.run(spark, with_model(cfg, f"models:/{NAME}@champion"))
+    # A full refresh re-encodes every unchanged photo and text with the version the alias names.
+    by_alias = pipeline.run(spark, with_model(cfg, f"models:/{NAME}@champion", full_refresh=True))
     assert by_alias.model_id == f"registered/{NAME}/1"
     run = mlflow_run(by_alias.run_id)
     assert run.data.params["model.registered"] == f"models:/{NAME}@champion"
     assert run.data.params["model_id"] == f"registered/{NAME}/1"
-    # Every photo and text is unchanged and re-encoded by the same version: the same vectors.
+    # Same content, same weights: the same vectors.
     for name in (IMAGE_TABLE.name, TEXT_TABLE.name):
         assert run.data.metrics[f"{name}/rows_unchanged"] == first.tables[name].rows
         assert run.data.metrics[f"{name}/drift_mean_cosine"] == pytest.approx(1.0, abs=1e-6)

@@ -3,14 +3,14 @@
 import pyarrow as pa
 import pytest
 
-from depop_embed.config import load
+from depop_embed.config import OUTPUT_TABLES, load
 from depop_embed.session import resolve_engine
-from depop_embed.tables import TABLES, DeltaRsWriter
+from depop_embed.tables import CURRENT_MODEL_TABLE, TABLES, DeltaRsWriter
 
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("spec", TABLES, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [*TABLES, CURRENT_MODEL_TABLE], ids=lambda s: s.name)
 def test_spark_ddl_and_arrow_schema_describe_the_same_table(spark, tmp_path, spec):
     # Spark parses the DDL the Spark Delta writer uses (as a Parquet table here: no Delta jars).
     spark.sql(f"CREATE TABLE contract_{spec.name} ({spec.spark_ddl()}) USING parquet LOCATION '{tmp_path}'")
@@ -26,7 +26,13 @@ def test_spark_ddl_and_arrow_schema_describe_the_same_table(spark, tmp_path, spe
         assert field.metadata.get("comment") == column.comment
         assert arrow.field(column.name).metadata[b"comment"].decode() == column.comment
         assert arrow.field(column.name).nullable == column.nullable
-    assert set(spec.key) <= set(spec.column_names) and spec.key[0] == "listing_id"
+    assert set(spec.key) <= set(spec.column_names)
+    assert spec.key[0] == ("name" if spec is CURRENT_MODEL_TABLE else "listing_id")
+    assert set(spec.meta_columns) <= set(spec.column_names) - set(spec.key)
+
+
+def test_the_config_names_the_same_tables():
+    assert OUTPUT_TABLES == tuple(spec.name for spec in TABLES)
 
 
 def test_vectors_are_float32_lists_and_times_are_utc():
