@@ -109,7 +109,7 @@ def test_image_errors_and_transient_ones_are_counted(spark, photo_server, tmp_pa
     ]
     frame = pd.DataFrame({"listing_id": list("ABCDE"), "image_id": list("abcde"), "position": 0, "uri": uris})
     settings = EncodeSettings(
-        model=ModelConfig(name="depop-tiny-clip", seed=0, config_path=TINY_MODEL), image_batch_size=4,
+        model=ModelConfig(name="depop-tiny-clip", seed=0, config_path=TINY_MODEL), package_dir=None, image_batch_size=4,
         text_batch_size=4, torch_threads=2, decode_threads=2, max_image_pixels=10_000,
         fetch=FetchConfig(timeout_s=2, retries=0, backoff_s=0),
     )
