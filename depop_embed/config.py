@@ -13,6 +13,7 @@ import string
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +33,8 @@ IMAGE_COLUMNS = ("listing_id", "image_id", "position", "uri", "updated_at")
 OUTPUT_TABLES = ("listing_image_embeddings", "listing_text_embeddings", "listing_embeddings")
 
 _UC_SCHEMA = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
+# conf/*.yaml ship inside the wheel as this package (pyproject.toml maps it onto conf/).
+PACKAGED_CONFIGS = "depop_embed.conf"
 
 
 class ConfigError(ValueError):
@@ -151,11 +154,14 @@ class Config:
 
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (optional) and apply `dotted.key=value` overrides; validate the result."""
+    """Read a YAML file (optional) and apply `dotted.key=value` overrides; validate the result.
+
+    `path` is a file, or the bare name of a config shipped in the package (`databricks` for
+    conf/databricks.yaml), which is what a cluster that installed only the wheel has."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.safe_load(_config_text(path)) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if not isinstance(raw, dict):
@@ -168,6 +174,21 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def _config_text(path: str | Path) -> str:
+    name = str(path)
+    if isinstance(path, Path) or Path(name).name != name or Path(name).suffix:
+        return Path(path).read_text()
+    packaged = resources.files(PACKAGED_CONFIGS)
+    file = packaged / f"{name}.yaml"
+    if not file.is_file():
+        shipped = sorted(p.name.removesuffix(".yaml") for p in packaged.iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(
+            f"config {name!r}: not a packaged config (packaged: {', '.join(shipped)}); "
+            "a file path needs a folder or a .yaml suffix"
+        )
+    return file.read_text()
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
