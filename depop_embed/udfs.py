@@ -50,6 +50,8 @@ class EncodeSettings:
     """What a worker needs to know; shipped to the workers inside the UDF closure."""
 
     model: ModelConfig
+    # Where the driver downloaded a registered model (a path every worker can read), else None.
+    package_dir: str | None
     image_batch_size: int
     text_batch_size: int
     torch_threads: int
@@ -65,12 +67,12 @@ def worker_encoder(settings: EncodeSettings, stats) -> Any:
     from depop_embed import encoders
 
     device = encoders.resolve_device(settings.model.device, _task_gpu())
-    key = (settings.model, device)
+    key = (settings.model, settings.package_dir, device)
     if key not in _ENCODERS:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-        _ENCODERS[key] = encoders.build_encoder(settings.model, device)
+        _ENCODERS[key] = encoders.build_encoder(settings.model, device, settings.package_dir)
         stats.add({"model_loads": 1, "model_loads_by_worker": {str(os.getpid()): 1}})
     return _ENCODERS[key]
 

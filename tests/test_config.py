@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from depop_embed import config
 from depop_embed.config import ConfigError
@@ -39,6 +40,24 @@ def test_switching_weights_source_from_the_command_line():
     assert cfg.model.pretrained == "laion2b_s34b_b79k" and cfg.model.seed is None
 
 
+def test_a_registered_model_is_a_version_or_an_alias_and_replaces_the_other_sources():
+    for spec in ("models:/depop-clip/3", "models:/depop-clip@champion", "models:/main.features.clip@prod"):
+        assert config.load(LOCAL, ["model.seed=null", f"model.registered={spec}"]).model.registered == spec
+    for spec in ("models:/depop-clip/latest", "models:/depop-clip/Production", "runs:/abc/model", "models:/a@", "depop-clip"):
+        with pytest.raises(ConfigError, match="model.registered: .* must be models:/NAME/VERSION or models:/NAME@ALIAS"):
+            config.load(LOCAL, ["model.seed=null", f"model.registered={spec}"])
+    # The workers build the model from a download in the staging folder: it must be a filesystem path.
+    with pytest.raises(ConfigError, match="output.staging_path: s3://bucket/staging is not a filesystem path"):
+        config.load(LOCAL, ["model.seed=null", "model.registered=models:/c/1", "output.staging_path=s3://bucket/staging"])
+
+
+def test_as_dict_reads_back_to_the_same_config(tmp_path):
+    cfg = config.load(LOCAL, ["model.seed=3", "spark.conf.spark.sql.shuffle.partitions=4", 'text.template=["{title}"]'])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(config.as_dict(cfg)))
+    assert config.load(path) == cfg
+
+
 def test_catalog_location_needs_spark_and_staging():
     cfg = config.load(LOCAL, ["output.location=main.features", "output.staging_path=/Volumes/main/features/staging"])
     assert cfg.output.is_catalog and cfg.staging_path == "/Volumes/main/features/staging"
@@ -63,7 +82,13 @@ def test_catalog_location_needs_spark_and_staging():
         ('images.path=""', "images.path: required"),
         ('text.template=["{titel}"]', r"text.template\[0\]"),
         ('text.template=["no fields"]', r"text.template\[0\]"),
-        ("model.pretrained=openai", "model.pretrained / model.checkpoint / model.seed: set exactly one"),
+        ("model.pretrained=openai", "model.pretrained / model.checkpoint / model.seed / model.registered: set exactly one"),
+        ("model.registered=models:/clip/1", "set exactly one .set now: seed, registered"),
+        ("thresholds.min_listings=-1", "thresholds.min_listings: must be >= 0"),
+        ("thresholds.max_non_finite=-1", "thresholds.max_non_finite: must be >= 0"),
+        ("thresholds.min_drift_cosine=1.5", "thresholds.min_drift_cosine: must be between -1 and 1"),
+        ('tracking.experiment=""', "tracking.experiment: required"),
+        ("tracking.artifacts=/x", "tracking.artifacts: unknown key"),
         ("fusion.image_weight=2", "fusion.image_weight: must be between 0 and 1"),
         ("thresholds.max_error_rate=-0.1", "thresholds.max_error_rate"),
         ("model=3", "model: expected a section"),
