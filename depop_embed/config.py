@@ -14,6 +14,7 @@ import string
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
@@ -34,6 +35,8 @@ IMAGE_COLUMNS = ("listing_id", "image_id", "position", "uri", "updated_at")
 OUTPUT_TABLES = ("listing_image_embeddings", "listing_text_embeddings", "listing_embeddings")
 
 _UC_SCHEMA = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
+# conf/*.yaml ship inside the wheel as this package (pyproject.toml maps it onto conf/).
+PACKAGED_CONFIGS = "depop_embed.conf"
 # A registered model pinned to a version or followed through an alias (stages and 'latest' move
 # under a running job, so they are refused). UC names are catalog.schema.model.
 REGISTERED_MODEL = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z_][\w-]*))$")
@@ -191,11 +194,14 @@ class Config:
 
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (optional) and apply `dotted.key=value` overrides; validate the result."""
+    """Read a YAML file (optional) and apply `dotted.key=value` overrides; validate the result.
+
+    `path` is a file, or the bare name of a config shipped in the package (`databricks` for
+    conf/databricks.yaml), which is what a cluster that installed only the wheel has."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.safe_load(_config_text(path)) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if not isinstance(raw, dict):
@@ -210,9 +216,26 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
     return cfg
 
 
+def _config_text(path: str | Path) -> str:
+    name = str(path)
+    if isinstance(path, Path) or Path(name).name != name or Path(name).suffix:
+        return Path(path).read_text()
+    packaged = resources.files(PACKAGED_CONFIGS)
+    file = packaged / f"{name}.yaml"
+    if not file.is_file():
+        shipped = sorted(p.name.removesuffix(".yaml") for p in packaged.iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(
+            f"config {name!r}: not a packaged config (packaged: {', '.join(shipped)}); "
+            "a file path needs a folder or a .yaml suffix"
+        )
+    return file.read_text()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The jobs' --config FILE and repeatable --set dotted.key=value."""
-    parser.add_argument("--config", required=True, help="YAML file under conf/")
+    parser.add_argument(
+        "--config", required=True, help="a YAML file, or the name of a config shipped in the package (databricks)"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config value, e.g. --set model.seed=3 (repeatable)",
