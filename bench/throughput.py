@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
     spark = get_spark(cfg)
     spark.sparkContext.setLogLevel("ERROR")
-    settings = pipeline._encode_settings(spark, cfg)  # exactly what the job gives its workers
+    settings = pipeline._encode_settings(spark, cfg, cfg.model, None)  # exactly what the job gives its workers
     tasks = spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1"))
     threads = tasks * settings.torch_threads
     print(f"model {cfg.model.name} (seed {cfg.model.seed}); Spark {spark.sparkContext.master}: {tasks} tasks x "
@@ -190,7 +190,8 @@ def decode_comparison(encoder, settings, uris: list[str], reference: np.ndarray)
         return encoder.preprocess(Image.open(uri).convert("RGB"))
 
     def draft(uri):
-        return encoder.preprocess(photos.decode(photos.read_bytes(uri), settings.max_image_pixels, encoder.image_side))
+        data = photos.read_bytes(uri, settings.fetch)
+        return encoder.preprocess(photos.decode(data, settings.max_image_pixels, encoder.image_side))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -221,7 +222,10 @@ def encode_uris(encoder, settings, uris) -> np.ndarray:
     import torch
 
     side = encoder.image_side if settings.jpeg_draft else 0
-    pixels = [encoder.preprocess(photos.decode(photos.read_bytes(u), settings.max_image_pixels, side)) for u in uris]
+    pixels = [
+        encoder.preprocess(photos.decode(photos.read_bytes(u, settings.fetch), settings.max_image_pixels, side))
+        for u in uris
+    ]
     return encoder.encode_images(torch.stack(pixels))
 
 

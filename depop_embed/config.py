@@ -6,6 +6,7 @@ value of the wrong type or a value out of range, so a bad deployment dies before
 
 from __future__ import annotations
 
+import argparse
 import collections.abc
 import dataclasses
 import re
@@ -13,8 +14,10 @@ import string
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
 import yaml
 
@@ -32,6 +35,11 @@ IMAGE_COLUMNS = ("listing_id", "image_id", "position", "uri", "updated_at")
 OUTPUT_TABLES = ("listing_image_embeddings", "listing_text_embeddings", "listing_embeddings")
 
 _UC_SCHEMA = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
+# conf/*.yaml ship inside the wheel as this package (pyproject.toml maps it onto conf/).
+PACKAGED_CONFIGS = "depop_embed.conf"
+# A registered model pinned to a version or followed through an alias (stages and 'latest' move
+# under a running job, so they are refused). UC names are catalog.schema.model.
+REGISTERED_MODEL = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z_][\w-]*))$")
 
 
 class ConfigError(ValueError):
@@ -45,9 +53,20 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class FetchConfig:
+    """How photo bytes are read: every photo is capped at `max_bytes`; http(s) photos also time out and retry."""
+
+    timeout_s: float = 10.0  # per attempt, for connecting and for the whole body
+    retries: int = 2  # extra attempts after a transient failure (timeout, connection, 5xx, 429)
+    backoff_s: float = 0.5  # wait before retry n is backoff_s * 2**(n-1)
+    max_bytes: int = 25_000_000  # a photo file or response larger than this is refused (too_large)
+
+
+@dataclass(frozen=True)
 class ImageSourceConfig(SourceConfig):
     # Relative photo URIs resolve against this folder; empty means the folder that holds `path`.
     uri_root: str = ""
+    fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,10 @@ class ModelConfig:
     pretrained: str | None = None
     checkpoint: str | None = None
     seed: int | None = None
+    # ... or a model in the MLflow registry: models:/NAME/VERSION or models:/NAME@ALIAS (registered with
+    # jobs/register_model.py); its architecture and preprocessing come with it, so `name` and
+    # `config_path` are not used.
+    registered: str | None = None
     # An extra open_clip model config (JSON) to register before building, for custom architectures.
     config_path: str | None = None
     device: str = "auto"
@@ -110,7 +133,26 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class ThresholdsConfig:
-    max_error_rate: float = 0.05  # the run fails, before committing, above this share of error rows
+    """Quality gates: a breach fails the run before any table changes (vector dimensions are always checked)."""
+
+    max_error_rate: float = 0.05  # the largest share of error rows in any table
+    min_listings: int = 1  # the fewest listings the source may hold (an empty export is a broken upstream)
+    max_non_finite: int = 0  # vectors holding NaN or infinity allowed across the tables
+    # The lowest mean cosine between this run's vectors and the stored vectors (same model) of rows
+    # whose content hash did not change; only checked when there are such rows.
+    min_drift_cosine: float = 0.99
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs are recorded and models registered (MLflow)."""
+
+    tracking_uri: str = "sqlite:///.depop_embed/mlflow.db"  # `databricks` on Databricks
+    registry_uri: str = ""  # empty: the tracking store; `databricks-uc` for Unity Catalog
+    experiment: str = "depop-embed"  # a workspace path (/Shared/...) on Databricks
+    # Artifact root of the experiment when this run creates it; empty: the store's default.
+    artifact_location: str = ".depop_embed/mlartifacts"
+    error_sample_rows: int = 100  # error rows per table attached to the run
 
 
 @dataclass(frozen=True)
@@ -145,6 +187,7 @@ class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
@@ -154,11 +197,14 @@ class Config:
 
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (optional) and apply `dotted.key=value` overrides; validate the result."""
+    """Read a YAML file (optional) and apply `dotted.key=value` overrides; validate the result.
+
+    `path` is a file, or the bare name of a config shipped in the package (`databricks` for
+    conf/databricks.yaml), which is what a cluster that installed only the wheel has."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.safe_load(_config_text(path)) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if not isinstance(raw, dict):
@@ -171,6 +217,53 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def _config_text(path: str | Path) -> str:
+    name = str(path)
+    if isinstance(path, Path) or Path(name).name != name or Path(name).suffix:
+        return Path(path).read_text()
+    packaged = resources.files(PACKAGED_CONFIGS)
+    file = packaged / f"{name}.yaml"
+    if not file.is_file():
+        shipped = sorted(p.name.removesuffix(".yaml") for p in packaged.iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(
+            f"config {name!r}: not a packaged config (packaged: {', '.join(shipped)}); "
+            "a file path needs a folder or a .yaml suffix"
+        )
+    return file.read_text()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The jobs' --config FILE and repeatable --set dotted.key=value."""
+    parser.add_argument(
+        "--config", required=True, help="a YAML file, or the name of a config shipped in the package (databricks)"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set model.seed=3 (repeatable)",
+    )
+
+
+def from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """Load the config `add_arguments` named; a bad one ends the job with a usage error naming the key."""
+    try:
+        return load(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """The configuration as plain YAML types: `load` reads it back to an equal Config."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -242,6 +335,15 @@ def validate(cfg: Config) -> None:
         if not src.path:
             raise ConfigError(f"{name}.path: required")
         _one_of(f"{name}.format", src.format, SOURCE_FORMATS)
+    f = cfg.images.fetch
+    if not f.timeout_s > 0:
+        raise ConfigError(f"images.fetch.timeout_s: must be > 0, got {f.timeout_s}")
+    if f.retries < 0:
+        raise ConfigError(f"images.fetch.retries: must be >= 0, got {f.retries}")
+    if not f.backoff_s >= 0:
+        raise ConfigError(f"images.fetch.backoff_s: must be >= 0, got {f.backoff_s}")
+    if f.max_bytes < 1:
+        raise ConfigError(f"images.fetch.max_bytes: must be >= 1, got {f.max_bytes}")
     _one_of("output.engine", cfg.output.engine, DELTA_ENGINES)
     if not cfg.output.location:
         raise ConfigError("output.location: required")
@@ -253,12 +355,22 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if not m.name:
         raise ConfigError("model.name: required")
-    sources = [k for k in ("pretrained", "checkpoint", "seed") if getattr(m, k) is not None]
+    sources = [k for k in ("pretrained", "checkpoint", "seed", "registered") if getattr(m, k) is not None]
     if len(sources) != 1:
         raise ConfigError(
-            "model.pretrained / model.checkpoint / model.seed: set exactly one "
+            "model.pretrained / model.checkpoint / model.seed / model.registered: set exactly one "
             f"(set now: {', '.join(sources) or 'none'}; clear one with e.g. --set model.seed=null)"
         )
+    if m.registered is not None:
+        if not REGISTERED_MODEL.match(m.registered):
+            raise ConfigError(
+                f"model.registered: {m.registered!r} must be models:/NAME/VERSION or models:/NAME@ALIAS"
+            )
+        if len(urlparse(cfg.staging_path).scheme) > 1:  # one letter is a Windows drive
+            raise ConfigError(
+                f"output.staging_path: {cfg.staging_path} is not a filesystem path; a registered model is "
+                "downloaded there for the workers (use a local, /Volumes/... or /dbfs/... path)"
+            )
     _one_of("model.device", m.device, DEVICES)
     _one_of("model.precision", m.precision, PRECISIONS)
 
@@ -290,7 +402,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"text.max_chars: must be >= 1, got {t.max_chars}")
 
     _unit_interval("fusion.image_weight", cfg.fusion.image_weight)
-    _unit_interval("thresholds.max_error_rate", cfg.thresholds.max_error_rate)
+    g = cfg.thresholds
+    _unit_interval("thresholds.max_error_rate", g.max_error_rate)
+    for key in ("min_listings", "max_non_finite"):
+        if getattr(g, key) < 0:
+            raise ConfigError(f"thresholds.{key}: must be >= 0, got {getattr(g, key)}")
+    if not -1.0 <= g.min_drift_cosine <= 1.0:
+        raise ConfigError(f"thresholds.min_drift_cosine: must be between -1 and 1, got {g.min_drift_cosine}")
+
+    tr = cfg.tracking
+    for key in ("tracking_uri", "experiment"):
+        if not getattr(tr, key):
+            raise ConfigError(f"tracking.{key}: required")
+    if tr.error_sample_rows < 0:
+        raise ConfigError(f"tracking.error_sample_rows: must be >= 0, got {tr.error_sample_rows}")
     if cfg.incremental.retention_days < 0:
         raise ConfigError(f"incremental.retention_days: must be >= 0, got {cfg.incremental.retention_days}")
     if cfg.faults.kill_before_commit:

@@ -1,15 +1,23 @@
-"""The only place that builds models: open_clip by architecture plus pretrained tag, checkpoint or seed.
+"""The only place that builds models: open_clip by architecture plus pretrained tag, checkpoint or seed,
+or from a model package (a registered MLflow model, downloaded).
 
 `model_id` names exactly which weights produced a vector, and is computed on the driver without
 building the model. `Encoder` wraps a built model with its own preprocess transform and tokenizer and
 returns L2-normalised float32 vectors. Texts run through the text tower in buckets of similar token
 length, each only as long as its longest text needs (see `_TextCut`).
+
+A package is a folder: the weights as safetensors, the architecture JSON of a custom architecture, and
+`PACKAGE_FILE`, which names the architecture and tokenizer and holds the preprocess settings (a
+pretrained tag's mean/std/interpolation differ from the architecture's defaults and would be lost with
+the tag).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,12 +25,21 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from depop_embed.config import ModelConfig
+from depop_embed.config import REGISTERED_MODEL, ModelConfig
+
+PACKAGE_FILE = "depop_embed_model.json"
+_PACKAGE_WEIGHTS = "open_clip_model.safetensors"
+_PREPROCESS_OVERRIDES = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation", "resize_mode": "image_resize_mode"}
 
 TEXT_BUCKET = 8  # token lengths are rounded up to this to group texts: at most 7 wasted positions each
 
 
 def model_id(cfg: ModelConfig) -> str:
+    if cfg.registered is not None:
+        spec = REGISTERED_MODEL.match(cfg.registered)
+        if spec is None or spec["version"] is None:
+            raise ValueError(f"model.registered: {cfg.registered} must name a version (resolve an alias first)")
+        return f"registered/{spec['name']}/{spec['version']}"
     if cfg.pretrained is not None:
         return f"{cfg.name}/{cfg.pretrained}"
     if cfg.checkpoint is not None:
@@ -30,10 +47,12 @@ def model_id(cfg: ModelConfig) -> str:
     return f"{cfg.name}/seed-{cfg.seed}"
 
 
-def embedding_dim(cfg: ModelConfig) -> int:
+def embedding_dim(cfg: ModelConfig, package_dir: str | None = None) -> int:
     """The vector size of an architecture, read from its open_clip config (no weights built)."""
     import open_clip
 
+    if cfg.registered is not None:
+        return int(read_package(_required(package_dir))["embed_dim"])
     _register_config(cfg.config_path)
     model_cfg = open_clip.get_model_config(cfg.name)
     if model_cfg is None:
@@ -95,13 +114,16 @@ class Encoder:
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast_dtype)
 
 
-def build_encoder(cfg: ModelConfig, device: str | None = None) -> Encoder:
-    """Build the model once; callers cache it (one per Python worker)."""
+def build_encoder(cfg: ModelConfig, device: str | None = None, package_dir: str | None = None) -> Encoder:
+    """Build the model once; callers cache it (one per Python worker). A registered model
+    (`cfg.registered`) is built from its package, downloaded to `package_dir`."""
     import open_clip
     import torch
 
-    _register_config(cfg.config_path)
     device = device or resolve_device(cfg.device)
+    if cfg.registered is not None:
+        return build_packaged_encoder(_required(package_dir), device, cfg.precision)
+    _register_config(cfg.config_path)
     if cfg.seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -111,16 +133,59 @@ def build_encoder(cfg: ModelConfig, device: str | None = None) -> Encoder:
         model, _, preprocess = open_clip.create_model_and_transforms(
             cfg.name, pretrained=cfg.pretrained or cfg.checkpoint, weights_only=True
         )
-    model = model.to(device).eval()
-    return Encoder(
-        model=model,
-        preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(cfg.name),
-        device=device,
-        autocast_dtype=_autocast_dtype(cfg.precision, device),
-        image_side=_image_side(model),
-        text_cut=_TextCut.of(model),
+    return _encoder(model, preprocess, open_clip.get_tokenizer(cfg.name), device, cfg.precision)
+
+
+def build_packaged_encoder(package_dir: str, device: str | None = None, precision: str = "auto") -> Encoder:
+    """The encoder of a package written by `save_package`, preprocessing exactly as when it was saved."""
+    import open_clip
+
+    package = read_package(package_dir)
+    if package["architecture_config"]:
+        _register_config(str(Path(package_dir) / package["architecture_config"]))
+    overrides = {arg: package["preprocess"][key] for key, arg in _PREPROCESS_OVERRIDES.items()}
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        package["architecture"], pretrained=str(Path(package_dir) / package["weights"]), weights_only=True, **overrides
     )
+    if _json_round_trip(model.visual.preprocess_cfg) != package["preprocess"]:
+        raise ValueError(
+            f"{package_dir}: open_clip rebuilt preprocessing {model.visual.preprocess_cfg}, "
+            f"the package holds {package['preprocess']}"
+        )
+    tokenizer = open_clip.get_tokenizer(package["tokenizer"])
+    return _encoder(model, preprocess, tokenizer, device or resolve_device("auto"), precision)
+
+
+def save_package(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Write the model `cfg` names as a package folder (see the module docstring); returns its manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = build_encoder(cfg, "cpu")
+    save_checkpoint(encoder.model, out / _PACKAGE_WEIGHTS)
+    architecture_config = None
+    if cfg.config_path:
+        # open_clip names a config file's architecture after the file, so the copy keeps the name.
+        architecture_config = f"{cfg.name}.json"
+        shutil.copyfile(cfg.config_path, out / architecture_config)
+    package = {
+        "architecture": cfg.name,
+        "architecture_config": architecture_config,
+        "weights": _PACKAGE_WEIGHTS,
+        "preprocess": _json_round_trip(encoder.model.visual.preprocess_cfg),
+        "tokenizer": cfg.name,  # open_clip picks the tokenizer by architecture name
+        "embed_dim": embedding_dim(cfg),
+        "source_model_id": model_id(cfg),
+    }
+    (out / PACKAGE_FILE).write_text(json.dumps(package, indent=2))
+    return package
+
+
+def read_package(package_dir: str | Path) -> dict[str, Any]:
+    path = Path(package_dir) / PACKAGE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"not a model package: cannot read {path}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -191,11 +256,35 @@ def save_checkpoint(model: Any, path: str | Path) -> None:
     save_model(model, str(path))
 
 
+def _encoder(model: Any, preprocess: Any, tokenizer: Any, device: str, precision: str) -> Encoder:
+    model = model.to(device).eval()
+    return Encoder(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        device=device,
+        autocast_dtype=_autocast_dtype(precision, device),
+        image_side=_image_side(model),
+        text_cut=_TextCut.of(model),
+    )
+
+
 def _image_side(model: Any) -> int:
     import open_clip
 
     size = open_clip.get_model_preprocess_cfg(model)["size"]
     return max(size) if isinstance(size, (tuple, list)) else int(size)
+
+
+def _required(package_dir: str | None) -> str:
+    if package_dir is None:
+        raise ValueError("model.registered: the registered model must be downloaded first (no package_dir given)")
+    return package_dir
+
+
+def _json_round_trip(value: Any) -> Any:
+    """As JSON reads it back (tuples become lists), so a saved and a rebuilt config compare equal."""
+    return json.loads(json.dumps(value))
 
 
 def _autocast_dtype(precision: str, device: str):

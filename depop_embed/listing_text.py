@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import math
 import re
 import string
 import unicodedata
@@ -19,21 +18,32 @@ import pandas as pd
 
 from depop_embed.config import TextConfig
 
-_TAG = re.compile(r"<[^>]{0,1000}>")
+# Script and style bodies are code, not listing text; comments and tags are markup.
+_HIDDEN = re.compile(r"<(script|style)\b[^>]{0,1000}>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"</?[A-Za-z!/][^<>]{0,1000}>")
 _SPACE = re.compile(r"\s+")
+# Zero-width (non-)joiners are format characters that carry meaning: emoji sequences (👩‍👧), Persian words.
+_JOINERS = {"\u200c", "\u200d"}
 
 
 def clean_field(value: Any, max_chars: int) -> str:
     """One field as plain single-line text: '' for null/NaN, HTML and control characters removed."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
         return ""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    text = str(value)[: max_chars * 4]  # bound the work on megabyte fields before the regexes
-    text = _TAG.sub(" ", html.unescape(text))
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
-    return _SPACE.sub(" ", text).strip()[:max_chars]
+    # Bound the work on megabyte fields before the regexes: markup and NFKC change the length, so
+    # keep a margin over max_chars, and cut again at the end.
+    text = str(value)[: max_chars * 4]
+    text = _TAG.sub(" ", _HIDDEN.sub(" ", html.unescape(text)))
+    text = _SPACE.sub(" ", unicodedata.normalize("NFKC", text))
+    if not text.isprintable():  # control, format (bidi overrides, zero-width), surrogate, private-use
+        text = _SPACE.sub(" ", "".join(" " if _is_other(ch) else ch for ch in text))
+    return text.strip()[:max_chars]
+
+
+def _is_other(ch: str) -> bool:
+    return unicodedata.category(ch)[0] == "C" and ch not in _JOINERS
 
 
 def render(fields: Mapping[str, Any], cfg: TextConfig) -> str:

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from depop_embed import __version__, encoders, fusion, listing_text, selection, sources
-from depop_embed.config import Config
+from depop_embed import __version__, encoders, fusion, listing_text, quality, registry, selection, sources, tracking
+from depop_embed.config import Config, ModelConfig
 from depop_embed.session import resolve_engine
 from depop_embed.tables import (
     DELETE, IMAGE_TABLE, LISTING_TABLE, META, OP_COLUMN, TABLES, TEXT_TABLE, UPSERT,
@@ -52,6 +52,7 @@ class Staged:
     rows: int
     errors: int  # rows with status = 'error'
     wrong_dims: int  # rows holding a vector whose length is not the model's dimension
+    vectors: dict[str, quality.VectorStats]  # per vector column: count, non-finite, norms
 
 
 @dataclass
@@ -74,6 +75,8 @@ class RunSummary:
 
     def describe(self) -> str:
         lines = [f"run {self.run_id}: model {self.model_id}, {self.engine} engine, {self.seconds.get('total', 0):.1f}s"]
+        if "listings_read" in self.stats:
+            lines.append(sources.describe_counts(self.stats))
         for name, t in self.tables.items():
             changes = ", ".join(f"{op} {n}" for op, n in t.changes.items()) or "no change"
             lines.append(f"  {name}: {changes} ({t.errors} errors) -> {t.location} (version {t.version})")
@@ -87,21 +90,29 @@ class RunSummary:
 
 
 def run(spark: SparkSession, cfg: Config) -> RunSummary:
-    started = time.monotonic()
+    """One job run, recorded as an MLflow run (FAILED, with the reason, when it raises)."""
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    with tracking.tracked_run(cfg, run_id) as tracker:
+        summary = _run(spark, cfg, now, run_id, tracker)
+        tracker.log_summary(summary)
+    return summary
+
+
+def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: tracking.RunTracker) -> RunSummary:
+    started = time.monotonic()
     engine = resolve_engine(spark, cfg)
     writer = _writer(spark, cfg, engine)
-    mid = encoders.model_id(cfg.model)
-    dim = encoders.embedding_dim(cfg.model)
+    # A registered model's alias is resolved to one version here, once: the whole run uses that version.
+    model = registry.pin(cfg.model, cfg.tracking)
+    mid = encoders.model_id(model)
     full_refresh = cfg.incremental.full_refresh
     staging = f"{cfg.staging_path.rstrip('/')}/{run_id}"
     stats = spark.sparkContext.accumulator({}, CounterParam())
-    settings = _encode_settings(spark, cfg)
     partitions = cfg.encode.partitions or spark.sparkContext.defaultParallelism
     # A runtime SQL setting, so it applies to an existing (Databricks) session too.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.encode.arrow_batch_size))
-    seconds: dict[str, float] = {}
+    seconds = tracker.seconds
     # The versions this run's selection is computed against; a commit checks nobody of ours moved them.
     read_versions = {spec.name: writer.version(spec) for spec in TABLES}
     stored = {spec.name: writer.read(spec, read_versions[spec.name]).where(F.col("model_id") == mid) for spec in TABLES}
@@ -111,20 +122,36 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         spark.sparkContext.master,
     )
 
-    src = fingerprinted = None
+    tracker.log_params({"model_id": mid, "engine": engine, "run_id": run_id})
+
+    src = None
+    cached: list[DataFrame] = []  # selections counted for the log and then encoded: computed once
     try:
+        # A registered model is downloaded once, for every worker to build from.
+        package_dir = registry.download(model, cfg.tracking, os.path.abspath(f"{staging}/model"))
+        dim = encoders.embedding_dim(model, package_dir)
+        settings = _encode_settings(spark, cfg, model, package_dir)
         src = sources.read(spark, cfg, engine)
+        tracker.log_params({f"source.{name}": snapshot for name, snapshot in src.snapshot.items()})
         text_cfg = cfg.text
         rendered = src.listings.mapInPandas(
             lambda frames: (listing_text.render_frame(f, text_cfg) for f in frames), _RENDERED_TEXT_SCHEMA
         )
-        text_todo = selection.texts_to_encode(rendered, stored[TEXT_TABLE.name], full_refresh)
+        text_todo = selection.texts_to_encode(rendered, stored[TEXT_TABLE.name], full_refresh).persist()
         fingerprinted = selection.fingerprint_photos(src.images).persist()
         listed = src.listings.select("listing_id")
         photo_plan = selection.plan_photos(fingerprinted, stored[IMAGE_TABLE.name], listed, full_refresh)
+        photo_plan.to_encode.persist()
+        cached += [text_todo, fingerprinted, photo_plan.to_encode]
+        counts = {
+            "read/listings": src.listings.count(), "read/images": fingerprinted.count(),
+            "selected/texts": text_todo.count(), "selected/images": photo_plan.to_encode.count(),
+        }
+        tracker.log_metrics(counts)
+        _fail_if(quality.source_breaches(counts["read/listings"], cfg.thresholds))
         log.info(
             "to encode: %d of %d listing texts, %d of %d photos, in %d partitions (batches of %d photos / %d texts)",
-            text_todo.count(), src.listings.count(), photo_plan.to_encode.count(), fingerprinted.count(),
+            counts["selected/texts"], counts["read/listings"], counts["selected/images"], counts["read/images"],
             partitions, settings.image_batch_size, settings.text_batch_size,
         )
         texts = (
@@ -143,13 +170,22 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
             TEXT_TABLE.name: _stage(spark, texts, f"{staging}/{TEXT_TABLE.name}", "texts", dim, seconds),
             IMAGE_TABLE.name: _stage(spark, images, f"{staging}/{IMAGE_TABLE.name}", "images", dim, seconds),
         }
+        tracker.log_staged(staged, cfg.tracking.error_sample_rows)
         check_error_rates(staged, cfg.thresholds.max_error_rate)
 
         changes = _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats)
         merges = {spec.name: _stage_merge(changes[spec.name], f"{staging}/merge/{spec.name}") for spec in TABLES}
         fused = merges[LISTING_TABLE.name][0].where(F.col(OP_COLUMN) == UPSERT)
         staged[LISTING_TABLE.name] = profile(fused, f"{staging}/merge/{LISTING_TABLE.name}", dim)
+        tracker.log_staged({LISTING_TABLE.name: staged[LISTING_TABLE.name]}, cfg.tracking.error_sample_rows)
         check_dimensions(staged, dim)
+        drifts = {
+            spec.name: quality.drift(staged[spec.name].df, stored[spec.name], spec.key, hash_column)
+            for spec, hash_column in ((IMAGE_TABLE, "content_hash"), (TEXT_TABLE, "text_hash"))
+        }
+        vectors = {name: t.vectors for name, t in staged.items()}
+        tracker.log_quality(vectors, drifts)
+        _fail_if(quality.vector_breaches(vectors, drifts, cfg.thresholds))
 
         commit = Commit(
             info={
@@ -181,11 +217,11 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
         seconds["commit"] = time.monotonic() - commit_started
     finally:
         _remove(spark, staging)
-        for df in (fingerprinted, src):
+        for df in [*cached, src]:
             if df is not None:
                 df.unpersist()
     seconds["total"] = time.monotonic() - started
-    summary = RunSummary(run_id, mid, engine, results, dict(stats.value), seconds)
+    summary = RunSummary(run_id, mid, engine, results, {**src.counts, **stats.value}, seconds)
     log.info("run %s done in %.1fs", run_id, seconds["total"])
     return summary
 
@@ -264,6 +300,10 @@ def check_error_rates(staged: dict[str, Staged], max_rate: float) -> None:
         for name, t in staged.items()
         if t.rows and t.errors / t.rows > max_rate
     ]
+    _fail_if(breaches)
+
+
+def _fail_if(breaches: list[str]) -> None:
     if breaches:
         raise RunFailed("quality gate failed, nothing committed:\n  " + "\n  ".join(breaches))
 
@@ -275,12 +315,18 @@ def check_dimensions(staged: dict[str, Staged], dim: int) -> None:
             raise RunFailed(f"quality gate failed, nothing committed: {name}: {t.wrong_dims} rows hold vectors that are not {dim}-d")
 
 
-def _top_reasons(df: DataFrame, limit: int = 3) -> str:
+def _top_reasons(df: DataFrame, limit: int = 3, examples: int = 3) -> str:
+    """The most common reason codes among error rows, with their first few keys as examples."""
     key = F.concat_ws("/", *[c for c in ("listing_id", "image_id") if c in df.columns])
+    errors = df.where("status = 'error'").select(F.substring_index("error", ":", 1).alias("reason"), key.alias("key"))
+    nth = F.row_number().over(Window.partitionBy("reason").orderBy("key"))
     rows = (
-        df.where("status = 'error'")
-        .groupBy(F.substring_index("error", ":", 1).alias("reason"))
-        .agg(F.count("*").alias("n"), F.slice(F.collect_list(key), 1, 3).alias("examples"))
+        errors.withColumn("nth", nth)
+        .groupBy("reason")
+        .agg(
+            F.count("*").alias("n"),
+            F.sort_array(F.collect_list(F.when(F.col("nth") <= examples, F.col("key")))).alias("examples"),
+        )
         .orderBy(F.desc("n"), "reason")
         .limit(limit)
         .collect()
@@ -299,7 +345,7 @@ def _stage(spark: SparkSession, df: DataFrame, path: str, what: str, dim: int, s
 
 
 def profile(staged: DataFrame, path: str, dim: int) -> Staged:
-    """Rows, error rows and rows with a vector of the wrong dimension, in one pass."""
+    """Rows, error rows, rows with a vector of the wrong dimension, and vector stats, in one pass."""
     is_error = F.col("status") == "error" if "status" in staged.columns else F.lit(False)
     wrong_dim = F.lit(False)
     for column in (c for c in staged.columns if c.endswith("embedding")):
@@ -308,18 +354,23 @@ def profile(staged: DataFrame, path: str, dim: int) -> Staged:
         F.count("*").alias("rows"),
         F.count(F.when(is_error, 1)).alias("errors"),
         F.count(F.when(wrong_dim, 1)).alias("wrong_dims"),
+        *quality.vector_aggregates(staged),
     ).first()
-    return Staged(staged, path, int(row["rows"]), int(row["errors"]), int(row["wrong_dims"]))
+    return Staged(
+        staged, path, int(row["rows"]), int(row["errors"]), int(row["wrong_dims"]), quality.vector_stats(row, staged.columns)
+    )
 
 
-def _encode_settings(spark: SparkSession, cfg: Config) -> EncodeSettings:
+def _encode_settings(spark: SparkSession, cfg: Config, model: ModelConfig, package_dir: str | None) -> EncodeSettings:
     return EncodeSettings(
-        model=cfg.model,
+        model=model,
+        package_dir=package_dir,
         image_batch_size=cfg.encode.image_batch_size,
         text_batch_size=cfg.encode.text_batch_size,
         torch_threads=cfg.encode.torch_threads or int(spark.conf.get("spark.task.cpus", "1")),
         decode_threads=cfg.encode.decode_threads,
         max_image_pixels=cfg.encode.max_image_pixels,
+        fetch=cfg.images.fetch,
         jpeg_draft=cfg.encode.jpeg_draft,
     )
 

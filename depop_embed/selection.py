@@ -27,7 +27,6 @@ from depop_embed import fusion, photos
 from depop_embed.tables import OP_COLUMN, TableSpec
 
 FINGERPRINTED_SCHEMA = "listing_id string, image_id string, position int, uri string, source_fingerprint string"
-TRANSIENT_ERRORS = ("timeout", "connection", "http_5xx", "http_429", "read_failed")
 IMAGE_KEY = ["listing_id", "image_id"]
 
 
@@ -58,7 +57,7 @@ def fingerprint_photos(images: DataFrame) -> DataFrame:
 
 
 def is_transient_error(error: Column) -> Column:
-    return F.substring_index(error, ":", 1).isin(*TRANSIENT_ERRORS)
+    return F.substring_index(error, ":", 1).isin(*sorted(photos.TRANSIENT_CODES))
 
 
 @dataclass

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from pyspark.accumulators import AccumulatorParam
 
-from depop_embed.config import ModelConfig
-from depop_embed.photos import PhotoError
+from depop_embed.config import FetchConfig, ModelConfig
+from depop_embed.photos import PhotoError, is_transient
 
 IMAGE_OUTPUT_SCHEMA = (
     "listing_id string, image_id string, position int, image_uri string, content_hash string, "
@@ -50,11 +50,14 @@ class EncodeSettings:
     """What a worker needs to know; shipped to the workers inside the UDF closure."""
 
     model: ModelConfig
+    # Where the driver downloaded a registered model (a path every worker can read), else None.
+    package_dir: str | None
     image_batch_size: int
     text_batch_size: int
     torch_threads: int
     decode_threads: int
     max_image_pixels: int
+    fetch: FetchConfig
     jpeg_draft: bool
 
 
@@ -66,12 +69,12 @@ def worker_encoder(settings: EncodeSettings, stats) -> Any:
     from depop_embed import encoders
 
     device = encoders.resolve_device(settings.model.device, _task_gpu())
-    key = (settings.model, device)
+    key = (settings.model, settings.package_dir, device)
     if key not in _ENCODERS:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-        _ENCODERS[key] = encoders.build_encoder(settings.model, device)
+        _ENCODERS[key] = encoders.build_encoder(settings.model, device, settings.package_dir)
         stats.add({"model_loads": 1, "model_loads_by_worker": {str(os.getpid()): 1}})
     return _ENCODERS[key]
 
@@ -91,12 +94,19 @@ def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.Data
                 nonlocal encoder
                 encoder = encoder or worker_encoder(settings, stats)
                 input_side = encoder.image_side if settings.jpeg_draft else 0
-                return _start_loading(batch, encoder.preprocess, pool, settings.max_image_pixels, input_side)
+                return _start_loading(
+                    batch, encoder.preprocess, pool, settings.max_image_pixels, settings.fetch, input_side
+                )
 
             batches = (batch for frame in frames for batch in _batches(frame, settings.image_batch_size))
             for batch, loading in _one_ahead(batches, start_loading):
                 out = _encode_image_batch(batch, encoder, loading)
-                stats.add({"image_batches": 1, "images": len(out), "image_errors": int((out["status"] == "error").sum())})
+                stats.add({
+                    "image_batches": 1,
+                    "images": len(out),
+                    "image_errors": int((out["status"] == "error").sum()),
+                    "image_errors_transient": sum(map(is_transient, out["error"])),
+                })
                 yield out
 
     return run
@@ -117,8 +127,11 @@ def encode_texts(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataF
     return run
 
 
-def _start_loading(batch: pd.DataFrame, preprocess, pool: ThreadPoolExecutor, max_pixels: int, input_side: int) -> list[Future]:
-    return [pool.submit(_load_photo, uri, preprocess, max_pixels, input_side) for uri in batch["uri"]]
+def _start_loading(
+    batch: pd.DataFrame, preprocess, pool: ThreadPoolExecutor, max_pixels: int, fetch: FetchConfig, input_side: int
+) -> list[Future]:
+    # Reading and decoding run in threads: Pillow releases the GIL while it decodes, sockets while they wait.
+    return [pool.submit(_load_photo, uri, preprocess, max_pixels, fetch, input_side) for uri in batch["uri"]]
 
 
 def _encode_image_batch(batch: pd.DataFrame, encoder, loading: list[Future]) -> pd.DataFrame:
@@ -160,13 +173,15 @@ def _one_ahead(items: Iterator[Any], start: Callable[[Any], Any]) -> Iterator[tu
         yield pending
 
 
-def _load_photo(uri: str, preprocess, max_pixels: int, input_side: int) -> tuple[str | None, Any, str | None]:
+def _load_photo(
+    uri: str, preprocess, max_pixels: int, fetch: FetchConfig, input_side: int
+) -> tuple[str | None, Any, str | None]:
     """uri -> (content hash, preprocessed pixels, None) or (hash or None, None, error)."""
     from depop_embed import photos
 
     digest = None
     try:
-        data = photos.read_bytes(uri)
+        data = photos.read_bytes(uri, fetch)
         digest = photos.content_hash(data)
         return digest, preprocess(photos.decode(data, max_pixels, input_side)), None
     except PhotoError as exc:

@@ -16,11 +16,7 @@ from depop_embed.session import get_spark
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file under conf/")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config value, e.g. --set model.seed=3 (repeatable)",
-    )
+    config.add_arguments(parser)
     parser.add_argument(
         "--full-refresh", action="store_true",
         help="re-embed every listing and photo for the model, not only what changed (= --set incremental.full_refresh=true)",
@@ -32,11 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        overrides = [*args.overrides, *(["incremental.full_refresh=true"] if args.full_refresh else [])]
-        cfg = config.load(args.config, overrides)
-    except config.ConfigError as exc:
-        parser.error(str(exc))
+    if args.full_refresh:
+        args.overrides.append("incremental.full_refresh=true")
+    cfg = config.from_arguments(parser, args)
     spark = get_spark(cfg)
     try:
         summary = pipeline.run(spark, cfg)

@@ -4,6 +4,7 @@ pipeline run over the bundled sample data that several tests read."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,23 +15,34 @@ from depop_embed.session import get_spark
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = str(ROOT / "tests" / "assets" / "depop-tiny-clip.json")
 SAMPLE = ROOT / "sample_data"
+# One MLflow store for the whole test session: creating a SQLite store takes seconds.
+MLFLOW = Path(tempfile.mkdtemp(prefix="depop-embed-mlflow-"))
+TRACKING = [f"tracking.tracking_uri=sqlite:///{MLFLOW}/mlflow.db", f"tracking.artifact_location={MLFLOW}/artifacts"]
+
+
+def job_overrides(tmp: Path, listings: Path | None = None, images: Path | None = None) -> list[str]:
+    """The --set overrides that point conf/local.yaml at a tmp output folder, the tiny model and the test MLflow store."""
+    return [
+        f"listings.path={listings or SAMPLE / 'listings.jsonl'}",
+        f"images.path={images or SAMPLE / 'listing_images.jsonl'}",
+        f"output.location={tmp / 'tables'}",
+        "model.name=depop-tiny-clip",
+        f"model.config_path={TINY_MODEL}",
+        "model.seed=0",
+        "spark.master=local[2]",
+        *TRACKING,
+    ]
 
 
 def make_config(tmp: Path, *overrides: str, listings: Path | None = None, images: Path | None = None) -> config.Config:
-    """conf/local.yaml pointed at a tmp output folder and the tiny model; extra --set style overrides."""
-    return config.load(
-        ROOT / "conf" / "local.yaml",
-        [
-            f"listings.path={listings or SAMPLE / 'listings.jsonl'}",
-            f"images.path={images or SAMPLE / 'listing_images.jsonl'}",
-            f"output.location={tmp / 'tables'}",
-            "model.name=depop-tiny-clip",
-            f"model.config_path={TINY_MODEL}",
-            "model.seed=0",
-            "spark.master=local[2]",
-            *overrides,
-        ],
-    )
+    """conf/local.yaml with `job_overrides`; extra --set style overrides."""
+    return config.load(ROOT / "conf" / "local.yaml", [*job_overrides(tmp, listings, images), *overrides])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store():
+    yield MLFLOW
+    shutil.rmtree(MLFLOW, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +61,13 @@ def sample_run(spark, tmp_path_factory):
     summary = pipeline.run(spark, cfg)
     yield cfg, summary
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def photo_server():
+    """A local HTTP server for remote-photo cases (see tests/photo_server.py)."""
+    from photo_server import PhotoServer
+
+    server = PhotoServer()
+    yield server
+    server.close()

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from depop_embed import config
 from depop_embed.config import ConfigError
@@ -34,9 +35,33 @@ def test_overrides_are_typed_and_reach_nested_and_mapping_fields():
     assert cfg.text.template == ("{title}", "by {brand}")
 
 
+def test_fetch_settings_load_from_yaml_and_overrides():
+    cfg = config.load(LOCAL, ["images.fetch.retries=0", "images.fetch.timeout_s=3"])
+    assert cfg.images.fetch == config.FetchConfig(timeout_s=3.0, retries=0, backoff_s=0.5, max_bytes=25_000_000)
+    assert isinstance(cfg.images.fetch.timeout_s, float)
+
+
 def test_switching_weights_source_from_the_command_line():
     cfg = config.load(LOCAL, ["model.seed=null", "model.pretrained=laion2b_s34b_b79k"])
     assert cfg.model.pretrained == "laion2b_s34b_b79k" and cfg.model.seed is None
+
+
+def test_a_registered_model_is_a_version_or_an_alias_and_replaces_the_other_sources():
+    for spec in ("models:/depop-clip/3", "models:/depop-clip@champion", "models:/main.features.clip@prod"):
+        assert config.load(LOCAL, ["model.seed=null", f"model.registered={spec}"]).model.registered == spec
+    for spec in ("models:/depop-clip/latest", "models:/depop-clip/Production", "runs:/abc/model", "models:/a@", "depop-clip"):
+        with pytest.raises(ConfigError, match="model.registered: .* must be models:/NAME/VERSION or models:/NAME@ALIAS"):
+            config.load(LOCAL, ["model.seed=null", f"model.registered={spec}"])
+    # The workers build the model from a download in the staging folder: it must be a filesystem path.
+    with pytest.raises(ConfigError, match="output.staging_path: s3://bucket/staging is not a filesystem path"):
+        config.load(LOCAL, ["model.seed=null", "model.registered=models:/c/1", "output.staging_path=s3://bucket/staging"])
+
+
+def test_as_dict_reads_back_to_the_same_config(tmp_path):
+    cfg = config.load(LOCAL, ["model.seed=3", "spark.conf.spark.sql.shuffle.partitions=4", 'text.template=["{title}"]'])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(config.as_dict(cfg)))
+    assert config.load(path) == cfg
 
 
 def test_catalog_location_needs_spark_and_staging():
@@ -63,12 +88,26 @@ def test_catalog_location_needs_spark_and_staging():
         ('images.path=""', "images.path: required"),
         ('text.template=["{titel}"]', r"text.template\[0\]"),
         ('text.template=["no fields"]', r"text.template\[0\]"),
-        ("model.pretrained=openai", "model.pretrained / model.checkpoint / model.seed: set exactly one"),
+        ("model.pretrained=openai", "model.pretrained / model.checkpoint / model.seed / model.registered: set exactly one"),
+        ("model.registered=models:/clip/1", "set exactly one .set now: seed, registered"),
+        ("thresholds.min_listings=-1", "thresholds.min_listings: must be >= 0"),
+        ("thresholds.max_non_finite=-1", "thresholds.max_non_finite: must be >= 0"),
+        ("thresholds.min_drift_cosine=1.5", "thresholds.min_drift_cosine: must be between -1 and 1"),
+        ('tracking.experiment=""', "tracking.experiment: required"),
+        ("tracking.artifacts=/x", "tracking.artifacts: unknown key"),
         ("fusion.image_weight=2", "fusion.image_weight: must be between 0 and 1"),
         ("thresholds.max_error_rate=-0.1", "thresholds.max_error_rate"),
         ("model=3", "model: expected a section"),
         ("spark.conf=[1]", "spark.conf: expected a mapping"),
         ("no_equals_sign", "must look like dotted.key=value"),
+        ("images.fetch.timeout_s=0", "images.fetch.timeout_s: must be > 0"),
+        ("images.fetch.timeout_s=.nan", "images.fetch.timeout_s: must be > 0"),
+        ("images.fetch.retries=-1", "images.fetch.retries: must be >= 0"),
+        ("images.fetch.retries=1.5", "images.fetch.retries: expected int"),
+        ("images.fetch.backoff_s=-0.5", "images.fetch.backoff_s: must be >= 0"),
+        ("images.fetch.max_bytes=0", "images.fetch.max_bytes: must be >= 1"),
+        ("images.fetch.proxy=x", "images.fetch.proxy: unknown key"),
+        ("listings.fetch.retries=1", "listings.fetch: unknown key"),  # only photos are fetched
     ],
 )
 def test_bad_values_fail_naming_the_key(override, names):

@@ -68,6 +68,41 @@ def test_pickled_objects_in_a_checkpoint_are_refused(tmp_path):
         encoders.build_encoder(with_(seed=None, checkpoint=str(path)), "cpu")
 
 
+def test_a_package_rebuilds_the_same_model_with_its_own_preprocessing(tmp_path):
+    seeded = encoders.build_encoder(TINY, "cpu")
+    manifest = encoders.save_package(TINY, tmp_path / "package")
+    assert {p.name for p in (tmp_path / "package").iterdir()} == {
+        encoders.PACKAGE_FILE, "depop-tiny-clip.json", "open_clip_model.safetensors",
+    }
+    assert manifest["architecture"] == manifest["tokenizer"] == "depop-tiny-clip"
+    assert manifest["embed_dim"] == 32 and manifest["source_model_id"] == "depop-tiny-clip/seed-0"
+    rebuilt = encoders.build_packaged_encoder(str(tmp_path / "package"), "cpu")
+    pixels = torch.rand(2, 3, 64, 64)
+    np.testing.assert_allclose(rebuilt.encode_images(pixels), seeded.encode_images(pixels), atol=1e-6)
+    np.testing.assert_allclose(rebuilt.encode_texts(TEXTS), seeded.encode_texts(TEXTS), atol=1e-6)
+
+    # Preprocessing travels with the package (a pretrained tag's mean/std differ from the architecture's).
+    path = tmp_path / "package" / encoders.PACKAGE_FILE
+    manifest["preprocess"].update(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], interpolation="bilinear")
+    path.write_text(json.dumps(manifest))
+    normalize = encoders.build_packaged_encoder(str(tmp_path / "package"), "cpu").preprocess.transforms[-1]
+    assert list(normalize.mean) == [0.5, 0.5, 0.5] and list(normalize.std) == [0.25, 0.25, 0.25]
+    # A setting open_clip cannot rebuild is refused rather than silently dropped.
+    manifest["preprocess"]["fill_color"] = 255
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="open_clip rebuilt preprocessing"):
+        encoders.build_packaged_encoder(str(tmp_path / "package"), "cpu")
+
+
+def test_a_registered_model_is_named_by_version_and_built_only_from_its_download():
+    registered = ModelConfig(registered="models:/main.features.clip/3")
+    assert encoders.model_id(registered) == "registered/main.features.clip/3"
+    with pytest.raises(ValueError, match="resolve an alias first"):
+        encoders.model_id(ModelConfig(registered="models:/clip@champion"))
+    with pytest.raises(ValueError, match="must be downloaded first"):
+        encoders.build_encoder(registered, "cpu")
+
+
 LISTING_TEXTS = [
     "Nike black hoodie",
     "Vintage Levi's 501 jeans W32 L32, great condition!!! Fits true to size",

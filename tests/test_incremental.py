@@ -24,7 +24,7 @@ from depop_embed.reader import read_table
 from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE
 
-from conftest import ROOT, SAMPLE, make_config
+from conftest import ROOT, SAMPLE, TRACKING, make_config
 
 MODEL = "depop-tiny-clip/seed-0"
 TIMESTAMPS = ("embedded_at", "updated_at", "inputs_hash")  # differ between two runs of the same work
@@ -210,7 +210,7 @@ def job_args(tmp: Path, src: Path, *overrides: str) -> list[str]:
         f"listings.path={src / 'listings.jsonl'}", f"images.path={src / 'listing_images.jsonl'}",
         f"output.location={tmp / 'tables'}", "model.name=depop-tiny-clip",
         f"model.config_path={ROOT / 'tests' / 'assets' / 'depop-tiny-clip.json'}", "model.seed=0",
-        "spark.master=local[2]", "spark.conf.spark.sql.shuffle.partitions=4", *overrides,
+        "spark.master=local[2]", "spark.conf.spark.sql.shuffle.partitions=4", *TRACKING, *overrides,
     ]
     return [arg for s in sets for arg in ("--set", s)]
 

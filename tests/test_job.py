@@ -12,7 +12,7 @@ from deltalake import DeltaTable
 from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import TABLES
 
-from conftest import ROOT, TINY_MODEL
+from conftest import ROOT, TINY_MODEL, TRACKING
 
 JOB = str(ROOT / "jobs" / "embed_listings.py")
 
@@ -45,6 +45,7 @@ def test_spark_submit_runs_the_job_end_to_end(tmp_path: Path):
         "--set", f"output.location={tmp_path / 'tables'}",
         "--set", "model.name=depop-tiny-clip",
         "--set", f"model.config_path={TINY_MODEL}",
+        *[arg for override in TRACKING for arg in ("--set", override)],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # spark-submit's master wins over conf's local[*]; spark-submit sends the driver's logs to stdout.

@@ -14,7 +14,7 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
-from depop_embed import pipeline
+from depop_embed import pipeline, quality
 from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE
 
@@ -244,6 +244,7 @@ def test_the_gate_refuses_vectors_of_the_wrong_dimension(spark, tmp_path):
     )
     good = pipeline._stage(spark, rows.where("listing_id != 'L2'"), str(tmp_path / "good"), "texts", 4, {})
     assert (good.rows, good.errors, good.wrong_dims) == (2, 1, 0)
+    assert good.vectors == {"embedding": quality.VectorStats(vectors=1, non_finite=0, norm_min=1.0, norm_mean=1.0, norm_max=1.0)}
     pipeline.check_dimensions({"listing_text_embeddings": good}, 4)
     bad = pipeline._stage(spark, rows, str(tmp_path / "bad"), "texts", 4, {})
     assert (bad.rows, bad.errors, bad.wrong_dims) == (3, 1, 1)
