@@ -213,7 +213,11 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
             table = staged[spec.name]
             results[spec.name] = TableResult(writer.location(spec), table.rows, table.errors, counts, version)
         if writer.current_model() is None:  # the first model written becomes the one consumers read
-            writer.set_current_model(mid, f"run {run_id}")
+            try:
+                writer.set_current_model(mid, f"run {run_id}")
+            except Exception:  # a concurrent first run set it between our check and our commit
+                if writer.current_model() is None:
+                    raise
         seconds["commit"] = time.monotonic() - commit_started
     finally:
         _remove(spark, staging)
