@@ -173,10 +173,12 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
         tracker.log_staged(staged, cfg.tracking.error_sample_rows)
         check_error_rates(staged, cfg.thresholds.max_error_rate)
 
+        listings_started = time.monotonic()
         changes = _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats)
         merges = {spec.name: _stage_merge(changes[spec.name], f"{staging}/merge/{spec.name}") for spec in TABLES}
         fused = merges[LISTING_TABLE.name][0].where(F.col(OP_COLUMN) == UPSERT)
         staged[LISTING_TABLE.name] = profile(fused, f"{staging}/merge/{LISTING_TABLE.name}", dim)
+        seconds["listings"] = time.monotonic() - listings_started
         tracker.log_staged({LISTING_TABLE.name: staged[LISTING_TABLE.name]}, cfg.tracking.error_sample_rows)
         check_dimensions(staged, dim)
         drifts = {
