@@ -173,10 +173,12 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
         tracker.log_staged(staged, cfg.tracking.error_sample_rows)
         check_error_rates(staged, cfg.thresholds.max_error_rate)
 
+        listings_started = time.monotonic()
         changes = _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats)
         merges = {spec.name: _stage_merge(changes[spec.name], f"{staging}/merge/{spec.name}") for spec in TABLES}
         fused = merges[LISTING_TABLE.name][0].where(F.col(OP_COLUMN) == UPSERT)
         staged[LISTING_TABLE.name] = profile(fused, f"{staging}/merge/{LISTING_TABLE.name}", dim)
+        seconds["listings"] = time.monotonic() - listings_started
         tracker.log_staged({LISTING_TABLE.name: staged[LISTING_TABLE.name]}, cfg.tracking.error_sample_rows)
         check_dimensions(staged, dim)
         drifts = {
@@ -213,7 +215,11 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
             table = staged[spec.name]
             results[spec.name] = TableResult(writer.location(spec), table.rows, table.errors, counts, version)
         if writer.current_model() is None:  # the first model written becomes the one consumers read
-            writer.set_current_model(mid, f"run {run_id}")
+            try:
+                writer.set_current_model(mid, f"run {run_id}")
+            except Exception:  # a concurrent first run set it between our check and our commit
+                if writer.current_model() is None:
+                    raise
         seconds["commit"] = time.monotonic() - commit_started
     finally:
         _remove(spark, staging)

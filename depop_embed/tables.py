@@ -237,14 +237,19 @@ class DeltaRsWriter:
     def ensure(self, spec: TableSpec):
         from deltalake import DeltaTable
 
-        return DeltaTable.create(
-            self.location(spec),
-            spec.arrow_schema(),
-            mode="ignore",
-            name=spec.name,
-            description=spec.comment,
-            configuration={CDF_PROPERTY: "true"},
-        )
+        try:
+            return DeltaTable.create(
+                self.location(spec),
+                spec.arrow_schema(),
+                mode="ignore",
+                name=spec.name,
+                description=spec.comment,
+                configuration={CDF_PROPERTY: "true"},
+            )
+        except Exception:  # two first runs at once: the other one created the table between check and commit
+            if DeltaTable.is_deltatable(self.location(spec)):
+                return DeltaTable(self.location(spec))
+            raise
 
     def read(self, spec: TableSpec, version: int | None):
         """The table's rows at `version` as a Spark DataFrame over its Parquet files (delta-rs writes no deletion vectors)."""
