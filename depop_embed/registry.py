@@ -61,7 +61,8 @@ def _embed_frame(encoder: encoders.Encoder, frame: pd.DataFrame, batch_size: int
         if not isinstance(data, (bytes, bytearray, memoryview)):  # null: no photo in this row
             continue
         try:
-            pixels[i] = encoder.preprocess(photos.decode(bytes(data), max_image_pixels))
+            # Draft-decoded like the job's default (encode.jpeg_draft), so serving sees the job's pixels.
+            pixels[i] = encoder.preprocess(photos.decode(bytes(data), max_image_pixels, encoder.image_side))
         except photos.PhotoError as exc:
             errors[i] = str(exc)
     texts = {i: t for i, t in enumerate(frame["text"] if "text" in frame else []) if isinstance(t, str) and t}
