@@ -1,6 +1,6 @@
 """How much cheaper an incremental rerun is than the full run it follows (run by hand; prints figures).
 
-    python bench/incremental.py --listings 5000 --change 0.01 [--model ViT-B-32] [--photo-size 480x600]
+    python bench/incremental.py --listings 5000 --change 0.01 [--model ViT-B-32] [--photo-size sample|480x600]
 
 Builds a synthetic catalogue, runs the job once over everything (cold tables), changes a share of the
 listings (a new description, and a replaced photo for every other one), reruns, then reruns once more
@@ -54,16 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listings", type=int, default=5000)
     parser.add_argument("--change", type=float, default=0.01, help="share of listings changed before the rerun")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture (seeded random weights)")
-    parser.add_argument("--max-photos", type=int, default=2)
-    parser.add_argument("--photo-size", default="480x600", help="WxH of the generated JPEGs")
+    parser.add_argument("--max-photos", type=int, default=4, help="photos per listing: 1 to this (the sample's 4)")
+    parser.add_argument("--photo-size", default="sample", help="WxH of every photo, or `sample`: the sample's mix of sizes and formats")
     parser.add_argument("--workdir", help="keep the catalogue and tables here (default: a temp dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="depop-bench-incremental-"))
-    width, height = (int(v) for v in args.photo_size.split("x"))
-    catalogue = write_catalogue(work / "src", n_listings=args.listings, seed=1, max_photos=args.max_photos, photo_size=(width, height))
+    size = None if args.photo_size == "sample" else tuple(int(v) for v in args.photo_size.split("x"))
+    catalogue = write_catalogue(work / "src", n_listings=args.listings, seed=1, max_photos=args.max_photos, photo_size=size)
     cfg = config.load(ROOT / "conf" / "local.yaml", [
         f"listings.path={catalogue.listings_path}", f"images.path={catalogue.images_path}",
         f"output.location={work / 'tables'}", f"model.name={args.model}", "model.seed=0", *args.overrides,

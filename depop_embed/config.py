@@ -25,6 +25,7 @@ SOURCE_FORMATS = ("delta", "parquet", "json", "csv")
 DELTA_ENGINES = ("auto", "spark", "delta-rs")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+EMBEDDINGS = ("image", "text", "multimodal")  # the listing vectors consumers search by
 
 # The input contract: what upstream tables must provide (extra columns are ignored).
 LISTING_COLUMNS = (
@@ -164,6 +165,44 @@ class IncrementalConfig:
 
 
 @dataclass(frozen=True)
+class NeighboursConfig:
+    """The `listing_neighbours` table: top-k nearest active listings of every active listing."""
+
+    k: int = 20
+    by: str = "multimodal"  # image | text | multimodal
+    # Listings per block of the blocked matrix product: a task scores block_size x block_size pairs,
+    # holding two blocks of vectors (2 x 2048 x 512 floats = 8 MB for ViT-B-32).
+    block_size: int = 2048
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the serving export writes: an ANN index file and the Vector Search source table."""
+
+    by: str = "multimodal"  # the vector the index serves
+    index_path: str = ".depop_embed/serving"  # a folder: one FAISS HNSW index per model under it
+    hnsw_m: int = 32  # graph degree
+    ef_construction: int = 200
+    ef_search: int = 128  # search breadth: recall against exact search grows with it
+    vector_search_endpoint: str = "depop-embed"  # Databricks Vector Search endpoint of the Delta Sync index
+    vector_search_index: str = ""  # catalog.schema.name of the index; empty: <output.location>.listing_search_index
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The evaluation job: retrieval and neighbour figures of a model, and the HTML report."""
+
+    ks: tuple[int, ...] = (1, 5, 10)  # recall@k of text -> listing retrieval (each listing's title as the query)
+    agreement_k: int = 10  # neighbours whose category / brand agreement is measured
+    max_listings: int = 5000  # active listings evaluated (a fixed hash sample when there are more)
+    report_dir: str = ".depop_embed/reports"  # a folder: evaluation-<model>.html (also logged to MLflow)
+    report_listings: int = 12  # listings shown with their neighbours' photos
+    report_neighbours: int = 6
+    report_by: str = "image"  # image | text | multimodal: the neighbours the report shows
+    projection_points: int = 2000  # listings in the 2-D projection
+
+
+@dataclass(frozen=True)
 class FaultsConfig:
     # Fault injection for tests: SIGKILL the driver just before committing to this table ("" = never).
     kill_before_commit: str = ""
@@ -188,6 +227,9 @@ class Config:
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
@@ -251,6 +293,16 @@ def from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         return load(args.config, args.overrides)
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+def parse_job_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
+    """A job's command line (a parser with `add_arguments`): its arguments and the config they name; a
+    bad config ends the job with a usage error naming the key. The job logs at INFO."""
+    import logging
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args, from_arguments(parser, args)
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:
@@ -418,6 +470,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"tracking.error_sample_rows: must be >= 0, got {tr.error_sample_rows}")
     if cfg.incremental.retention_days < 0:
         raise ConfigError(f"incremental.retention_days: must be >= 0, got {cfg.incremental.retention_days}")
+    n = cfg.neighbours
+    _one_of("neighbours.by", n.by, EMBEDDINGS)
+    for key in ("k", "block_size"):
+        _at_least(f"neighbours.{key}", getattr(n, key), 1)
+    sv = cfg.serving
+    _one_of("serving.by", sv.by, EMBEDDINGS)
+    if not sv.index_path:
+        raise ConfigError("serving.index_path: required")
+    for key in ("hnsw_m", "ef_construction", "ef_search"):
+        _at_least(f"serving.{key}", getattr(sv, key), 1)
+    if sv.vector_search_index and len(sv.vector_search_index.split(".")) != 3:
+        raise ConfigError(f"serving.vector_search_index: {sv.vector_search_index!r} must be catalog.schema.name")
+    ev = cfg.evaluation
+    if not ev.ks:
+        raise ConfigError("evaluation.ks: needs at least one k")
+    for i, k in enumerate(ev.ks):
+        _at_least(f"evaluation.ks[{i}]", k, 1)
+    for key in ("agreement_k", "max_listings", "report_neighbours", "projection_points"):
+        _at_least(f"evaluation.{key}", getattr(ev, key), 1)
+    _at_least("evaluation.report_listings", ev.report_listings, 0)
+    _one_of("evaluation.report_by", ev.report_by, EMBEDDINGS)
+    if not ev.report_dir:
+        raise ConfigError("evaluation.report_dir: required")
     if cfg.faults.kill_before_commit:
         _one_of("faults.kill_before_commit", cfg.faults.kill_before_commit, OUTPUT_TABLES)
 
@@ -425,6 +500,11 @@ def validate(cfg: Config) -> None:
 def _one_of(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: int, lowest: int) -> None:
+    if value < lowest:
+        raise ConfigError(f"{key}: must be >= {lowest}, got {value}")
 
 
 def _unit_interval(key: str, value: float) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -45,6 +46,39 @@ def model_id(cfg: ModelConfig) -> str:
     if cfg.checkpoint is not None:
         return f"{cfg.name}/sha256-{_file_digest(cfg.checkpoint)[:16]}"
     return f"{cfg.name}/seed-{cfg.seed}"
+
+
+def file_name(mid: str) -> str:
+    """A model_id as a file or folder name."""
+    return re.sub(r"[^\w.-]+", "_", mid)
+
+
+def model_config_for(mid: str, base: ModelConfig) -> ModelConfig:
+    """The model config that rebuilds the weights `mid` names: the inverse of `model_id`, for encoding
+    queries against stored vectors. `base` (the configured model) gives the device, the precision and a
+    custom architecture's config file; a checkpoint digest cannot be turned back into its file, so a
+    checkpoint's model must be the configured one."""
+    try:
+        if model_id(base) == mid:
+            return base
+    except (ValueError, FileNotFoundError):  # an alias not pinned, a checkpoint not on this machine
+        pass
+    common = {"device": base.device, "precision": base.precision}
+    if mid.startswith("registered/"):
+        name, _, version = mid.removeprefix("registered/").rpartition("/")
+        return ModelConfig(registered=f"models:/{name}/{version}", **common)
+    arch, _, weights = mid.rpartition("/")
+    if not arch or not weights:
+        raise ValueError(f"model_id {mid!r} is not ARCHITECTURE/WEIGHTS or registered/NAME/VERSION")
+    config_path = base.config_path if arch == base.name else None
+    if weights.startswith("sha256-"):
+        raise ValueError(
+            f"model {mid} was built from a checkpoint file: configure it (model.name={arch}, "
+            "model.checkpoint=<that file>) to encode queries for it"
+        )
+    if weights.startswith("seed-") and weights[5:].isdigit():
+        return ModelConfig(name=arch, seed=int(weights[5:]), config_path=config_path, **common)
+    return ModelConfig(name=arch, pretrained=weights, config_path=config_path, **common)
 
 
 def embedding_dim(cfg: ModelConfig, package_dir: str | None = None) -> int:

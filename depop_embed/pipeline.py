@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -23,12 +21,14 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from depop_embed import __version__, encoders, fusion, listing_text, quality, registry, selection, sources, tracking
+from depop_embed import (
+    __version__, encoders, fusion, listing_text, merge_source, quality, registry, selection, sources, tracking,
+)
 from depop_embed.config import Config, ModelConfig
 from depop_embed.session import resolve_engine
 from depop_embed.tables import (
     DELETE, IMAGE_TABLE, LISTING_TABLE, META, OP_COLUMN, TABLES, TEXT_TABLE, UPSERT,
-    Commit, DeltaRsWriter, SparkDeltaWriter, TableSpec, TableWriter,
+    Commit, TableSpec, TableWriter, new_run_id, open_writer,
 )
 from depop_embed.udfs import (
     IMAGE_OUTPUT_SCHEMA, TEXT_OUTPUT_SCHEMA, CounterParam, EncodeSettings, encode_images, encode_texts,
@@ -36,6 +36,9 @@ from depop_embed.udfs import (
 
 log = logging.getLogger(__name__)
 
+# Up to this many listings to re-fuse, their ids are broadcast to the semi-joins that pick their text
+# and photo rows, so the stored tables are filtered while they are scanned, not shuffled.
+_BROADCAST_LISTINGS = 200_000
 _RENDERED_TEXT_SCHEMA = "listing_id string, text string, text_hash string, template_version string"
 
 
@@ -92,7 +95,7 @@ class RunSummary:
 def run(spark: SparkSession, cfg: Config) -> RunSummary:
     """One job run, recorded as an MLflow run (FAILED, with the reason, when it raises)."""
     now = datetime.now(timezone.utc)
-    run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    run_id = new_run_id(now)
     with tracking.tracked_run(cfg, run_id) as tracker:
         summary = _run(spark, cfg, now, run_id, tracker)
         tracker.log_summary(summary)
@@ -102,7 +105,7 @@ def run(spark: SparkSession, cfg: Config) -> RunSummary:
 def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: tracking.RunTracker) -> RunSummary:
     started = time.monotonic()
     engine = resolve_engine(spark, cfg)
-    writer = _writer(spark, cfg, engine)
+    writer = open_writer(spark, cfg, engine)
     # A registered model's alias is resolved to one version here, once: the whole run uses that version.
     model = registry.pin(cfg.model, cfg.tracking)
     mid = encoders.model_id(model)
@@ -174,8 +177,8 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
         check_error_rates(staged, cfg.thresholds.max_error_rate)
 
         listings_started = time.monotonic()
-        changes = _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats)
-        merges = {spec.name: _stage_merge(changes[spec.name], f"{staging}/merge/{spec.name}") for spec in TABLES}
+        changes = _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats, cached)
+        merges = {spec.name: merge_source.stage(changes[spec.name], f"{staging}/merge/{spec.name}") for spec in TABLES}
         fused = merges[LISTING_TABLE.name][0].where(F.col(OP_COLUMN) == UPSERT)
         staged[LISTING_TABLE.name] = profile(fused, f"{staging}/merge/{LISTING_TABLE.name}", dim)
         seconds["listings"] = time.monotonic() - listings_started
@@ -222,7 +225,7 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
                     raise
         seconds["commit"] = time.monotonic() - commit_started
     finally:
-        _remove(spark, staging)
+        merge_source.remove(spark, staging)
         for df in [*cached, src]:
             if df is not None:
                 df.unpersist()
@@ -232,8 +235,9 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
     return summary
 
 
-def _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats) -> dict[str, DataFrame]:
-    """Each table's MERGE source for this run: upserts, in-place updates and deletes, with their `_op`."""
+def _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats, cached: list[DataFrame]) -> dict[str, DataFrame]:
+    """Each table's MERGE source for this run: upserts, in-place updates and deletes, with their `_op`.
+    What it persists goes into `cached` (unpersisted when the run ends)."""
     images_encoded, texts_encoded = staged[IMAGE_TABLE.name].df, staged[TEXT_TABLE.name].df
     kept = selection.kept_good_vectors(images_encoded, stored[IMAGE_TABLE.name]).select(*selection.IMAGE_KEY)
     kept_count = kept.count()
@@ -243,11 +247,13 @@ def _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats) -> dict
     image_upserts = images_encoded.join(kept, selection.IMAGE_KEY, "left_anti")
     images_after = selection.after_run(stored[IMAGE_TABLE.name], image_upserts, photo_plan.removed, selection.IMAGE_KEY)
     texts_after = selection.after_run(stored[TEXT_TABLE.name], texts_encoded, None, ["listing_id"])
-    to_fuse, flipped, purged = selection.plan_listings(
+    plan = selection.plan_listings(
         src.listings, texts_after, images_after, stored[LISTING_TABLE.name], cfg.fusion.image_weight,
         cfg.incremental.full_refresh, now, cfg.incremental.retention_days,
     )
-    fuse_ids = to_fuse.select("listing_id")
+    cached.append(plan.decisions.persist())
+    to_fuse, flipped, purged = plan.to_fuse, plan.flipped, plan.purged
+    fuse_ids = F.broadcast(to_fuse.select("listing_id")) if to_fuse.count() <= _BROADCAST_LISTINGS else to_fuse.select("listing_id")
     fused = fusion.fuse(
         to_fuse,
         texts_after.join(fuse_ids, "listing_id", "left_semi"),
@@ -257,36 +263,20 @@ def _plan_changes(cfg, src, stored, staged, photo_plan, mid, now, stats) -> dict
     model = [F.lit(mid).alias("model_id")]
     purged_photos = stored[IMAGE_TABLE.name].join(purged, "listing_id", "left_semi").select(*selection.IMAGE_KEY)
     return {
-        IMAGE_TABLE.name: _union(
+        IMAGE_TABLE.name: merge_source.union(
             IMAGE_TABLE,
             (image_upserts, UPSERT),
             (photo_plan.reordered.select("*", *model), META),
             (photo_plan.removed.unionByName(purged_photos).select("*", *model), DELETE),
         ),
-        TEXT_TABLE.name: _union(TEXT_TABLE, (texts_encoded, UPSERT), (purged.select("*", *model), DELETE)),
-        LISTING_TABLE.name: _union(
+        TEXT_TABLE.name: merge_source.union(TEXT_TABLE, (texts_encoded, UPSERT), (purged.select("*", *model), DELETE)),
+        LISTING_TABLE.name: merge_source.union(
             LISTING_TABLE,
             (fused.select("*", *_stamp(mid, now, "updated_at")), UPSERT),
             (flipped.select("*", *_stamp(mid, now, "updated_at")), META),
             (purged.select("*", *model), DELETE),
         ),
     }
-
-
-def _union(spec: TableSpec, *parts: tuple[DataFrame, str]) -> DataFrame:
-    frames = [selection.with_op(rows, op, spec) for rows, op in parts]
-    result = frames[0]
-    for frame in frames[1:]:
-        result = result.unionByName(frame)
-    return result
-
-
-def _stage_merge(df: DataFrame, path: str) -> tuple[DataFrame, dict[str, int]]:
-    """Write a MERGE source once to Parquet; count its rows per operation."""
-    df.write.mode("overwrite").parquet(path)
-    staged = df.sparkSession.read.parquet(path)
-    counts = {row[OP_COLUMN]: int(row["n"]) for row in staged.groupBy(OP_COLUMN).agg(F.count("*").alias("n")).collect()}
-    return staged, {op: counts.get(op, 0) for op in (UPSERT, META, DELETE) if counts.get(op)}
 
 
 def _commit(writer: TableWriter, spec: TableSpec, path: str, read_version: int | None, commit: Commit) -> int | None:
@@ -385,24 +375,9 @@ def _stamp(model_id: str, at: datetime, time_column: str) -> list:
     return [F.lit(model_id).alias("model_id"), F.lit(at).cast("timestamp").alias(time_column)]
 
 
-def _writer(spark: SparkSession, cfg: Config, engine: str) -> TableWriter:
-    if engine == "spark":
-        return SparkDeltaWriter(spark, cfg.output.location, cfg.output.is_catalog)
-    return DeltaRsWriter(cfg.output.location, spark)
-
-
-def _remove(spark: SparkSession, path: str) -> None:
-    """Delete the run's staging folder on whatever filesystem Spark wrote it to."""
-    try:
-        jvm_path = spark._jvm.org.apache.hadoop.fs.Path(path)
-        jvm_path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(jvm_path, True)
-    except Exception:  # Spark Connect has no JVM handle; staging is then a local or mounted path
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def set_current_model(spark: SparkSession, cfg: Config, model_id: str, set_by: str) -> str | None:
     """Point consumers at `model_id` (it must have fused rows); returns the model it replaced."""
-    writer = _writer(spark, cfg, resolve_engine(spark, cfg))
+    writer = open_writer(spark, cfg)
     version = writer.version(LISTING_TABLE)
     rows = writer.read(LISTING_TABLE, version).where(F.col("model_id") == model_id).limit(1).count()
     if not rows:

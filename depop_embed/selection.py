@@ -24,7 +24,6 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from depop_embed import fusion, photos
-from depop_embed.tables import OP_COLUMN, TableSpec
 
 FINGERPRINTED_SCHEMA = "listing_id string, image_id string, position int, uri string, source_fingerprint string"
 IMAGE_KEY = ["listing_id", "image_id"]
@@ -134,6 +133,26 @@ def inputs_hash(texts: DataFrame, images: DataFrame, image_weight: float) -> Dat
     )
 
 
+@dataclass
+class ListingPlan:
+    """Per listing (source or stored), what this run does to its fused row. `decisions` is small (no
+    vectors) and read by all three tables' MERGE sources: persist it once."""
+
+    decisions: DataFrame  # listing_id, status, is_active, inputs_hash, action (fuse / flip / deactivate / purge / null)
+
+    @property
+    def to_fuse(self) -> DataFrame:  # listing_id, status, inputs_hash
+        return self.decisions.where(F.col("action") == "fuse").select("listing_id", "status", "inputs_hash")
+
+    @property
+    def flipped(self) -> DataFrame:  # listing_id, is_active: updated in place
+        return self.decisions.where(F.col("action").isin("flip", "deactivate")).select("listing_id", "is_active")
+
+    @property
+    def purged(self) -> DataFrame:  # listing_id: every row deleted
+        return self.decisions.where(F.col("action") == "purge").select("listing_id")
+
+
 def plan_listings(
     listings: DataFrame,
     texts_after: DataFrame,
@@ -143,33 +162,34 @@ def plan_listings(
     full_refresh: bool,
     now: datetime,
     retention_days: int,
-) -> tuple[DataFrame, DataFrame, DataFrame]:
-    """-> (listings to fuse, with inputs_hash; in-place is_active updates; listing_ids to purge)."""
+) -> ListingPlan:
+    """Re-fuse what changed, flip is_active in place, deactivate what left the source, purge what left it
+    more than the retention ago: one outer join of the source listings with the stored fused rows."""
     hashes = inputs_hash(texts_after, images_after, image_weight)
     desired = listings.select(
-        "listing_id", "status", (~F.coalesce(F.lower("status").isin(*fusion.INACTIVE_STATUSES), F.lit(False))).alias("is_active")
+        "listing_id", "status", (~F.coalesce(F.lower("status").isin(*fusion.INACTIVE_STATUSES), F.lit(False))).alias("is_active"),
+        F.lit(True).alias("listed"),
     ).join(hashes, "listing_id", "left")
     compared = desired.join(
-        stored.select("listing_id", F.col("inputs_hash").alias("stored_hash"), F.col("is_active").alias("stored_active")),
+        stored.select(
+            "listing_id", F.col("inputs_hash").alias("stored_hash"), F.col("is_active").alias("stored_active"),
+            F.col("updated_at").alias("stored_updated_at"),
+        ),
         "listing_id",
-        "left",
+        "full",
     )
+    listed = F.col("listed").isNotNull()
     changed = F.col("stored_hash").isNull() | (F.col("stored_hash") != F.col("inputs_hash"))
-    to_fuse = compared.where(F.lit(full_refresh) | changed).select("listing_id", "status", "inputs_hash")
-    flipped = compared.where(~F.lit(full_refresh) & ~changed & (F.col("is_active") != F.col("stored_active")))
-    gone = stored.join(listings.select("listing_id"), "listing_id", "left_anti")
-    deactivated = gone.where("is_active").select("listing_id", F.lit(False).alias("is_active"))
-    purge = gone.where(~F.col("is_active") & (F.col("updated_at") < F.lit(now - timedelta(days=retention_days)))).select(
-        "listing_id"
+    expired = F.col("stored_updated_at") < F.lit(now - timedelta(days=retention_days))
+    action = (
+        F.when(listed & (F.lit(full_refresh) | changed), "fuse")
+        .when(listed & (F.col("is_active") != F.col("stored_active")), "flip")
+        .when(~listed & F.col("stored_active"), "deactivate")
+        .when(~listed & expired, "purge")
     )
-    return to_fuse, flipped.select("listing_id", "is_active").unionByName(deactivated), purge
-
-
-def with_op(rows: DataFrame, op: str, spec: TableSpec) -> DataFrame:
-    """Rows shaped as `spec`'s MERGE source: every column (missing ones null) and the operation."""
-    present = set(rows.columns)
-    return rows.select(
-        *[F.col(c.name) if c.name in present else F.lit(None).cast(spec.spark_type(c.name)).alias(c.name) for c in spec.columns],
-        F.lit(op).alias(OP_COLUMN),
+    return ListingPlan(
+        compared.select(
+            "listing_id", "status", F.when(listed, F.col("is_active")).otherwise(F.lit(False)).alias("is_active"),
+            "inputs_hash", action.alias("action"),
+        )
     )
-

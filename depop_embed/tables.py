@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 _ARROW_TYPES = {
     "string": pa.string(),
     "int": pa.int32(),
+    "float": pa.float32(),
     "boolean": pa.bool_(),
     "timestamp": pa.timestamp("us", tz="UTC"),
     "vector": pa.list_(pa.field("element", pa.float32(), nullable=True)),
 }
-_SPARK_TYPES = {"string": "STRING", "int": "INT", "boolean": "BOOLEAN", "timestamp": "TIMESTAMP", "vector": "ARRAY<FLOAT>"}
+_SPARK_TYPES = {"string": "STRING", "int": "INT", "float": "FLOAT", "boolean": "BOOLEAN", "timestamp": "TIMESTAMP", "vector": "ARRAY<FLOAT>"}
 CDF_PROPERTY = "delta.enableChangeDataFeed"
 
 
@@ -163,7 +164,7 @@ LISTING_TABLE = TableSpec(
     meta_columns=("is_active", "updated_at"),
 )
 
-TABLES = (IMAGE_TABLE, TEXT_TABLE, LISTING_TABLE)
+TABLES = (IMAGE_TABLE, TEXT_TABLE, LISTING_TABLE)  # what the embedding job writes
 
 CURRENT_MODEL_TABLE = TableSpec(
     name="current_model",
@@ -177,6 +178,60 @@ CURRENT_MODEL_TABLE = TableSpec(
     comment="Which model_id consumers read from the embedding tables: switching models is one row update.",
 )
 DEFAULT_POINTER = "default"
+
+# Derived tables, recomputed from `listing_embeddings` by the consumer jobs (neighbours, serving).
+NEIGHBOURS_TABLE = TableSpec(
+    name="listing_neighbours",
+    key=("listing_id", "model_id", "embedding_column", "rank"),
+    columns=(
+        _LISTING_ID,
+        _MODEL_ID,
+        Column("embedding_column", "string", False, "Which listing_embeddings vector the neighbours were found by: image_embedding, text_embedding or multimodal_embedding."),
+        Column("rank", "int", False, "1 = the nearest neighbour."),
+        Column("neighbour_id", "string", False, "listing_id of the neighbour (an active listing, never the listing itself)."),
+        Column("score", "float", False, "Cosine similarity of the two vectors."),
+        Column("computed_at", "timestamp", False, "When this neighbour row was last written (UTC)."),
+    ),
+    comment="Top-k nearest active listings of every active listing, per model and vector: candidates for 'more like this'.",
+)
+
+SEARCH_VECTORS_TABLE = TableSpec(
+    name="listing_search_vectors",
+    key=("listing_id",),
+    columns=(
+        _LISTING_ID,
+        _MODEL_ID,
+        _vector("embedding", "The current model's listing vector that the search index serves"),
+        Column("embedding_column", "string", False, "Which listing_embeddings vector `embedding` is."),
+        Column("updated_at", "timestamp", False, "updated_at of the listing_embeddings row it was copied from (UTC)."),
+    ),
+    comment=(
+        "The current model's vectors of active listings, one row per listing_id: the source of the "
+        "Databricks Vector Search Delta Sync index, which needs a single-column primary key."
+    ),
+)
+DERIVED_TABLES = (NEIGHBOURS_TABLE, SEARCH_VECTORS_TABLE)
+ALL_TABLES = (*TABLES, CURRENT_MODEL_TABLE, *DERIVED_TABLES)
+
+
+def table_spec(name: str) -> TableSpec:
+    spec = next((s for s in ALL_TABLES if s.name == name), None)
+    if spec is None:
+        raise ValueError(f"unknown table {name!r}; one of {', '.join(s.name for s in ALL_TABLES)}")
+    return spec
+
+
+def pointer_history(changes: list[Mapping[str, Any]]) -> list[str]:
+    """The model_ids the `default` pointer has named, newest first, from its Change Data Feed rows."""
+    named = [
+        r for r in changes
+        if r["name"] == DEFAULT_POINTER and r["_change_type"] in ("insert", "update_postimage")
+    ]
+    history: list[str] = []
+    for row in sorted(named, key=lambda r: r["_commit_version"], reverse=True):
+        if not history or history[-1] != row["model_id"]:
+            history.append(row["model_id"])
+    return history
 
 
 @dataclass(frozen=True)
@@ -192,6 +247,11 @@ class Commit:
         return f"depop_embed/{self.model_id}"
 
 
+def new_run_id(now) -> str:
+    """A run's id: its start (UTC) and a random suffix."""
+    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
 class TableWriter(Protocol):
     engine: str
 
@@ -199,9 +259,27 @@ class TableWriter(Protocol):
 
     def version(self, spec: TableSpec) -> int | None: ...
 
+    def ensure(self, spec: TableSpec) -> Any: ...
+
     def read(self, spec: TableSpec, version: int | None): ...  # a Spark DataFrame of the table at `version`
 
     def merge(self, spec: TableSpec, staged_path: str, read_version: int | None, commit: Commit) -> int | None: ...
+
+    def current_model(self) -> str | None: ...
+
+    def model_history(self) -> list[str]: ...
+
+    def set_current_model(self, model_id: str, set_by: str) -> None: ...
+
+
+def open_writer(spark, cfg, engine: str | None = None) -> TableWriter:
+    """The writer of `cfg.output`'s tables through `engine` (default: what the session offers, see `session`)."""
+    from depop_embed.session import resolve_engine
+
+    engine = engine or resolve_engine(spark, cfg)
+    if engine == "spark":
+        return SparkDeltaWriter(spark, cfg.output.location, cfg.output.is_catalog)
+    return DeltaRsWriter(cfg.output.location, spark)
 
 
 def check_no_concurrent_run(spec: TableSpec, history_since_read: list[Mapping[str, Any]], commit: Commit, read_version) -> None:
@@ -314,6 +392,15 @@ class DeltaRsWriter:
         rows = DeltaTable(path).to_pyarrow_table(filters=[("name", "=", DEFAULT_POINTER)]).to_pylist()
         return rows[0]["model_id"] if rows else None
 
+    def model_history(self) -> list[str]:
+        """Every model_id the pointer has named, the current one first."""
+        from deltalake import DeltaTable
+
+        path = self.location(CURRENT_MODEL_TABLE)
+        if not DeltaTable.is_deltatable(path):
+            return []
+        return pointer_history(pa.table(DeltaTable(path).load_cdf(starting_version=0)).to_pylist())
+
     def set_current_model(self, model_id: str, set_by: str) -> None:
         import pyarrow as pa
 
@@ -423,6 +510,15 @@ class SparkDeltaWriter:
         ).first()
         return row["model_id"] if row else None
 
+    def model_history(self) -> list[str]:
+        """Every model_id the pointer has named, the current one first."""
+        if not self._history(CURRENT_MODEL_TABLE, "LIMIT 1"):
+            return []
+        reader = self.spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0)
+        ident = self.location(CURRENT_MODEL_TABLE)
+        changes = reader.table(ident) if self.is_catalog else reader.load(ident)
+        return pointer_history([r.asDict() for r in changes.collect()])
+
     def set_current_model(self, model_id: str, set_by: str) -> None:
         """Upsert the pointer; in Unity Catalog also (re)create `<table>_current` views that follow it."""
         self.ensure(CURRENT_MODEL_TABLE)
@@ -432,7 +528,7 @@ class SparkDeltaWriter:
             f"ON {CURRENT_MODEL_TABLE.merge_predicate()} WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
         )
         if self.is_catalog:
-            for spec in TABLES:
+            for spec in (*TABLES, NEIGHBOURS_TABLE):
                 self.spark.sql(
                     f"CREATE OR REPLACE VIEW {self._ident(spec, '_current')} AS SELECT * FROM {self._ident(spec)} "
                     f"WHERE model_id = (SELECT model_id FROM {self._ident(CURRENT_MODEL_TABLE)} WHERE name = '{DEFAULT_POINTER}')"

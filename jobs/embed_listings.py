@@ -18,19 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(parser)
     parser.add_argument(
-        "--full-refresh", action="store_true",
+        "--full-refresh", action="append_const", dest="overrides", const="incremental.full_refresh=true",
         help="re-embed every listing and photo for the model, not only what changed (= --set incremental.full_refresh=true)",
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.full_refresh:
-        args.overrides.append("incremental.full_refresh=true")
-    cfg = config.from_arguments(parser, args)
+    _, cfg = config.parse_job_arguments(build_parser(), argv)
     spark = get_spark(cfg)
     try:
         summary = pipeline.run(spark, cfg)

@@ -9,7 +9,6 @@ The embedding job then runs it with `--set model.seed=null --set model.registere
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from depop_embed import config, registry
@@ -24,10 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config.from_arguments(parser, args)
+    args, cfg = config.parse_job_arguments(build_parser(), argv)
     print(registry.register(cfg, args.name, args.alias))
     return 0
 

@@ -57,10 +57,29 @@ def spark(tmp_path_factory):
 def sample_run(spark, tmp_path_factory):
     """The sample catalogue embedded once with the tiny model; small batches so each worker runs many."""
     tmp = tmp_path_factory.mktemp("sample_run")
-    cfg = make_config(tmp, "encode.image_batch_size=8", "encode.text_batch_size=16")
+    # model.precision=fp32 (the CPU's precision anyway) makes a model key no other test uses: Python
+    # workers and their model cache outlive a test, and this run must build the model itself.
+    cfg = make_config(tmp, "encode.image_batch_size=8", "encode.text_batch_size=16", "model.precision=fp32")
     summary = pipeline.run(spark, cfg)
     yield cfg, summary
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_clip_model(seed: int):
+    """open_clip itself, built independently of depop_embed: (model, preprocess, tokenizer)."""
+    import open_clip
+    import torch
+
+    open_clip.add_model_config(TINY_MODEL)
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms("depop-tiny-clip")
+    return model.eval(), preprocess, open_clip.get_tokenizer("depop-tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """The tiny model with the sample run's seed (0), built by open_clip itself."""
+    return open_clip_model(0)
 
 
 @pytest.fixture(scope="session")

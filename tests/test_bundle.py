@@ -34,7 +34,7 @@ from depop_embed import config
 from conftest import ROOT
 
 TARGETS = ("dev", "prod")
-JOBS = ("embed_listings", "backfill_model", "register_model", "set_current_model")
+JOBS = ("embed_listings", "backfill_model", "register_model", "set_current_model", "evaluate_model")
 USER = {"userName": "ana.lopez@depop.example", "short_name": "ana_lopez"}
 SERVICE_PRINCIPAL = "6f1c2e0a-0b5e-4f8e-9d4a-2c7b1e9f3a10"
 TEAM_EMAIL = "mlops-alerts@depop.example"
@@ -115,9 +115,13 @@ def task_argv(job: dict, task: dict, **run_params: str) -> list[str]:
     return [_JOB_PARAMETER.sub(lambda m: values[m[1]], arg) for arg in task["spark_python_task"]["parameters"]]
 
 
-def parse_task(job: dict, **run_params: str):
-    """Parse the job's only task's parameters with its entry file's own parser; load the config they name."""
-    (task,) = job["tasks"]
+def parse_task(job: dict, task_key: str | None = None, **run_params: str):
+    """Parse a task's parameters (the job's only task, or `task_key`'s) with its entry file's own parser;
+    load the config they name."""
+    if task_key is None:
+        (task,) = job["tasks"]
+    else:
+        (task,) = [t for t in job["tasks"] if t["task_key"] == task_key]
     entry = ROOT / task["spark_python_task"]["python_file"]
     assert entry.is_file(), f"{job['name']}: no entry file {entry}"
     spec = importlib.util.spec_from_file_location(f"bundle_job_{entry.stem}", entry)
@@ -175,8 +179,9 @@ def test_the_deploy_uploads_what_the_tasks_run():
     assert build["type"] == "whl" and build["path"] == "."
     assert "--wheel-dir dist" in build["build"]  # where the tasks' `dist/*.whl` libraries look
     for job in resolved["jobs"].values():
-        entry = Path(job["tasks"][0]["spark_python_task"]["python_file"])
-        assert entry.parts[0] not in resolved["sync"]["exclude"]
+        for task in job["tasks"]:
+            entry = Path(task["spark_python_task"]["python_file"])
+            assert entry.parts[0] not in resolved["sync"]["exclude"]
 
 
 @pytest.mark.parametrize("key", ["embed_listings", "backfill_model"])
@@ -188,7 +193,7 @@ def test_embedding_jobs_run_on_gpus_with_the_configs_arrow_batch(bundle, key):
     spec = cluster["new_cluster"]
     assert "gpu-ml" in spec["spark_version"] and spec["node_type_id"] == "g5.xlarge"
     assert spec["num_workers"] == {"embed_listings": 2, "backfill_model": 8}[key]
-    args, cfg = parse_task(job)
+    args, cfg = parse_task(job, "embed" if key == "embed_listings" else None)
     conf = spec["spark_conf"]
     assert conf["spark.task.resource.gpu.amount"] == "1" and conf["spark.executor.resource.gpu.amount"] == "1"
     assert conf["spark.sql.execution.arrow.maxRecordsPerBatch"] == str(cfg.encode.arrow_batch_size) == "2048"
@@ -199,9 +204,9 @@ def test_daily_job_embeds_incrementally_with_the_champion(bundle):
     target, resolved = bundle
     job = resolved["jobs"]["embed_listings"]
     assert job["schedule"]["quartz_cron_expression"] == "0 0 3 * * ?" and job["max_concurrent_runs"] == 1
-    args, cfg = parse_task(job)
+    args, cfg = parse_task(job, "embed")
     schema = SCHEMA[target]
-    assert args.config == "databricks" and not args.full_refresh and not cfg.incremental.full_refresh
+    assert args.config == "databricks" and not cfg.incremental.full_refresh
     assert cfg.output.location == f"main.{schema}" and cfg.output.is_catalog
     assert cfg.output.engine == "spark"
     assert cfg.output.staging_path == f"/Volumes/main/{schema}/staging"
@@ -220,18 +225,18 @@ def test_backfill_embeds_everything_with_the_chosen_model(bundle):
     assert "schedule" not in job
     args, cfg = parse_task(job)
     schema = SCHEMA[target]
-    assert args.full_refresh and cfg.output.location == f"main.{schema}"
+    assert cfg.incremental.full_refresh and cfg.output.location == f"main.{schema}"
     assert cfg.model.registered == f"models:/main.{schema}.depop_clip@challenger"
     args, cfg = parse_task(job, model=f"models:/main.{schema}.depop_clip/7")
     assert cfg.model.registered == f"models:/main.{schema}.depop_clip/7"
     with pytest.raises(config.ConfigError, match="model.registered"):
         parse_task(job, model="ViT-B-32")
-    daily_args, _ = parse_task(resolved["jobs"]["embed_listings"])
+    daily_args, _ = parse_task(resolved["jobs"]["embed_listings"], "embed")
     assert _without_model(args) == _without_model(daily_args)  # same tables, sources and tracking
 
 
 def _without_model(args) -> list[str]:
-    return [item for item in args.overrides if not item.startswith("model.")]
+    return [item for item in args.overrides if not item.startswith(("model.", "incremental.full_refresh"))]
 
 
 def test_register_model_registers_a_pretrained_tag_or_a_checkpoint(bundle):
@@ -246,6 +251,36 @@ def test_register_model_registers_a_pretrained_tag_or_a_checkpoint(bundle):
     assert (cfg.model.pretrained, cfg.model.checkpoint, args.alias) == (None, checkpoint, "champion")
     with pytest.raises(config.ConfigError, match="set exactly one"):
         parse_task(job, checkpoint=checkpoint)
+
+
+def test_the_daily_job_then_refreshes_neighbours_and_the_serving_export(bundle):
+    target, resolved = bundle
+    job = resolved["jobs"]["embed_listings"]
+    assert [t["task_key"] for t in job["tasks"]] == ["embed", "neighbours", "export_serving"]
+    _, daily = parse_task(job, "embed")
+    schema = SCHEMA[target]
+    for key, entry in (("neighbours", "jobs/build_neighbours.py"), ("export_serving", "jobs/export_serving.py")):
+        (task,) = [t for t in job["tasks"] if t["task_key"] == key]
+        assert task["depends_on"] == [{"task_key": "embed"}] and task["spark_python_task"]["python_file"] == entry
+        args, cfg = parse_task(job, key)
+        assert args.model_id is None  # the current model
+        assert (cfg.output, cfg.tracking) == (daily.output, daily.tracking)
+    _, cfg = parse_task(job, "export_serving")
+    assert cfg.serving.index_path == f"/Volumes/main/{schema}/serving"
+
+
+def test_evaluate_model_compares_a_model_with_the_current_one(bundle):
+    target, resolved = bundle
+    job = resolved["jobs"]["evaluate_model"]
+    schema = SCHEMA[target]
+    args, cfg = parse_task(job)
+    assert (args.model_id, args.baseline) == ("", "")  # empty: the current model and its predecessor
+    model_id = f"registered/main.{schema}.depop_clip/8"
+    args, cfg = parse_task(job, model_id=model_id, baseline=f"registered/main.{schema}.depop_clip/7")
+    assert args.model_id == model_id and args.baseline.endswith("/7")
+    _, daily = parse_task(resolved["jobs"]["embed_listings"], "embed")
+    assert (cfg.output, cfg.listings, cfg.images, cfg.tracking) == (daily.output, daily.listings, daily.images, daily.tracking)
+    assert cfg.evaluation.report_dir == f"/Volumes/main/{schema}/reports"
 
 
 def test_set_current_model_switches_the_targets_tables(bundle):

@@ -128,3 +128,25 @@ def test_unreadable_or_malformed_file(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = config.load(path)
     assert cfg.model.name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("neighbours.by=colour", "neighbours.by: 'colour' is not one of image, text, multimodal"),
+    ("neighbours.k=0", "neighbours.k: must be >= 1"),
+    ("neighbours.block_size=-5", "neighbours.block_size: must be >= 1"),
+    ("serving.ef_search=0", "serving.ef_search: must be >= 1"),
+    ("serving.index_path=''", "serving.index_path: required"),
+    ("serving.vector_search_index=my_index", "serving.vector_search_index: 'my_index' must be catalog.schema.name"),
+    ("evaluation.ks=[]", "evaluation.ks: needs at least one k"),
+    ("evaluation.ks=[1, 0]", r"evaluation.ks\[1\]: must be >= 1"),
+    ("evaluation.report_by=price", "evaluation.report_by: 'price' is not one of"),
+    ("evaluation.max_listings=ten", "evaluation.max_listings: expected int"),
+])
+def test_consumer_settings_are_checked_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(LOCAL, [override])
+
+
+def test_consumer_settings_load_with_their_types():
+    cfg = config.load(LOCAL, ["evaluation.ks=[1, 20]", "neighbours.by=image"])
+    assert cfg.evaluation.ks == (1, 20) and cfg.neighbours.by == "image" and cfg.serving.by == "multimodal"

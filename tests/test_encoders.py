@@ -31,6 +31,25 @@ def test_model_id_names_the_weights(tmp_path):
     assert id_a.startswith("depop-tiny-clip/sha256-") and id_a != encoders.model_id(with_(seed=None, checkpoint=str(b)))
 
 
+def test_a_model_id_turns_back_into_the_config_that_builds_those_weights(tmp_path):
+    base = with_(device="cpu")
+    for model in (with_(seed=3), ModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k")):
+        back = encoders.model_config_for(encoders.model_id(model), base)
+        assert encoders.model_id(back) == encoders.model_id(model) and back.device == "cpu"
+    assert encoders.model_config_for("depop-tiny-clip/seed-3", base).config_path == TINY_MODEL  # same architecture
+    assert encoders.model_config_for("ViT-B-32/seed-1", base).config_path is None
+    registered = encoders.model_config_for("registered/main.features.clip/7", base)
+    assert registered.registered == "models:/main.features.clip/7" and encoders.model_id(registered) == "registered/main.features.clip/7"
+    checkpoint = tmp_path / "w.safetensors"
+    checkpoint.write_bytes(b"weights")
+    configured = with_(seed=None, checkpoint=str(checkpoint))
+    assert encoders.model_config_for(encoders.model_id(configured), configured) is configured
+    with pytest.raises(ValueError, match="built from a checkpoint file: configure it"):
+        encoders.model_config_for("depop-tiny-clip/sha256-0123456789abcdef", base)
+    with pytest.raises(ValueError, match="is not ARCHITECTURE/WEIGHTS"):
+        encoders.model_config_for("no-slash", base)
+
+
 def test_embedding_dim_without_building():
     assert encoders.embedding_dim(TINY) == 32
     with pytest.raises(ValueError, match="model.name"):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -18,7 +17,7 @@ from depop_embed import pipeline, quality
 from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE
 
-from conftest import SAMPLE, TINY_MODEL, make_config
+from conftest import SAMPLE, make_config
 
 DIM = 32  # embed_dim of the tiny test model
 
@@ -29,15 +28,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def table(cfg, spec) -> pd.DataFrame:
     return DeltaTable(f"{cfg.output.location}/{spec.name}").to_pyarrow_table().to_pandas()
-
-
-@pytest.fixture(scope="module")
-def reference_model():
-    """open_clip itself, built independently of depop_embed with the same seed."""
-    open_clip.add_model_config(TINY_MODEL)
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("depop-tiny-clip")
-    return model.eval(), preprocess, open_clip.get_tokenizer("depop-tiny-clip")
 
 
 def cosine(a, b) -> float:

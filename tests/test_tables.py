@@ -5,12 +5,12 @@ import pytest
 
 from depop_embed.config import OUTPUT_TABLES, load
 from depop_embed.session import resolve_engine
-from depop_embed.tables import CURRENT_MODEL_TABLE, TABLES, DeltaRsWriter
+from depop_embed.tables import ALL_TABLES, CURRENT_MODEL_TABLE, TABLES, DeltaRsWriter
 
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("spec", [*TABLES, CURRENT_MODEL_TABLE], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", ALL_TABLES, ids=lambda s: s.name)
 def test_spark_ddl_and_arrow_schema_describe_the_same_table(spark, tmp_path, spec):
     # Spark parses the DDL the Spark Delta writer uses (as a Parquet table here: no Delta jars).
     spark.sql(f"CREATE TABLE contract_{spec.name} ({spec.spark_ddl()}) USING parquet LOCATION '{tmp_path}'")
@@ -20,7 +20,10 @@ def test_spark_ddl_and_arrow_schema_describe_the_same_table(spark, tmp_path, spe
         spark.sql(f"DROP TABLE contract_{spec.name}")
     arrow = spec.arrow_schema()
     assert spark_schema.fieldNames() == arrow.names == spec.column_names
-    expected = {"string": "string", "int": "int", "boolean": "boolean", "timestamp": "timestamp", "vector": "array<float>"}
+    expected = {
+        "string": "string", "int": "int", "float": "float", "boolean": "boolean", "timestamp": "timestamp",
+        "vector": "array<float>",
+    }
     for column, field in zip(spec.columns, spark_schema.fields):
         assert field.dataType.simpleString() == expected[column.type]
         assert field.metadata.get("comment") == column.comment
@@ -36,7 +39,7 @@ def test_the_config_names_the_same_tables():
 
 
 def test_vectors_are_float32_lists_and_times_are_utc():
-    for spec in TABLES:
+    for spec in ALL_TABLES:
         schema = spec.arrow_schema()
         for column in spec.columns:
             t = schema.field(column.name).type
@@ -48,7 +51,7 @@ def test_vectors_are_float32_lists_and_times_are_utc():
 
 def test_delta_rs_creates_empty_tables_with_cdf(tmp_path):
     writer = DeltaRsWriter(str(tmp_path))
-    for spec in TABLES:
+    for spec in ALL_TABLES:
         assert writer.version(spec) is None
         table = writer.ensure(spec)
         assert table.version() == 0 and writer.version(spec) == 0
