@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 
 from depop_embed import merge_source
 from depop_embed.config import Config
-from depop_embed.reader import embedding_column, top_k_columns
+from depop_embed.reader import RunningTopK, cosine_scores, embedding_column
 from depop_embed.tables import LISTING_TABLE, NEIGHBOURS_TABLE, TableWriter, open_writer
 
 log = logging.getLogger(__name__)
@@ -108,36 +108,27 @@ class _RunningBest:
     """The k best candidates so far of each listing in one query block."""
 
     def __init__(self, block: int, ids, ordinals, vectors, k: int):
-        self.block, self.k = block, k
+        self.block = block
         self.ids = np.asarray(ids, dtype=object)
         self.ordinals = np.asarray(ordinals, dtype=np.int64)
-        self.matrix = _matrix(vectors)
-        n = len(self.ids)
-        self.best_ids = np.empty((n, 0), dtype=object)
-        self.best_ordinals = np.empty((n, 0), dtype=np.int64)
-        self.best_scores = np.empty((n, 0), dtype=np.float32)
+        self.matrix = _matrix(vectors).astype(np.float64)  # once, not per candidate block (see cosine_scores)
+        self.best = RunningTopK(len(self.ids), k, object)
 
     def add(self, ids, ordinals, vectors) -> None:
         ordinals = np.asarray(ordinals, dtype=np.int64)
-        scores = self.matrix @ _matrix(vectors).T
+        scores = cosine_scores(self.matrix, _matrix(vectors))
         scores[self.ordinals[:, None] == ordinals[None, :]] = -np.inf  # a listing is not its own neighbour
-        n = len(self.ids)
-        all_scores = np.concatenate([self.best_scores, scores], axis=1)
-        all_ordinals = np.concatenate([self.best_ordinals, np.broadcast_to(ordinals, (n, len(ordinals)))], axis=1)
-        all_ids = np.concatenate([self.best_ids, np.broadcast_to(np.asarray(ids, dtype=object), (n, len(ordinals)))], axis=1)
-        chosen = top_k_columns(all_scores, all_ordinals, self.k)
-        self.best_scores = np.take_along_axis(all_scores, chosen, axis=1)
-        self.best_ordinals = np.take_along_axis(all_ordinals, chosen, axis=1)
-        self.best_ids = np.take_along_axis(all_ids, chosen, axis=1)
+        self.best.add(scores, ordinals, np.asarray(ids, dtype=object))
 
     def rows(self) -> pd.DataFrame:
-        found = np.isfinite(self.best_scores)  # -inf: the listing itself, kept only when nothing else was there
+        best = self.best
+        found = np.isfinite(best.scores)  # -inf: the listing itself, kept only when nothing else was there
         rows, _ = np.nonzero(found)
         return pd.DataFrame({
             "listing_id": self.ids[rows],
-            "neighbour_id": self.best_ids[found],
-            "neighbour_ordinal": self.best_ordinals[found],
-            "score": self.best_scores[found],
+            "neighbour_id": best.values[found],
+            "neighbour_ordinal": best.ordinals[found],
+            "score": best.scores[found],
         })
 
 

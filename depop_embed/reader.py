@@ -24,7 +24,9 @@ from depop_embed.tables import (
 )
 
 EMBEDDING_COLUMNS = {"image": "image_embedding", "text": "text_embedding", "multimodal": "multimodal_embedding"}
-_QUERY_BLOCK = 1024  # query rows scored at once: (block x listings) float32 scores in memory
+# Query rows x listings scored at once: 1024 x 8192 float64 scores are 64 MiB, whatever the catalogue.
+_QUERY_BLOCK = 1024
+_LISTING_BLOCK = 8192
 
 
 def embedding_column(by: str) -> str:
@@ -66,13 +68,18 @@ class ListingVectors:
         ids = np.empty((len(queries), k), dtype=object)
         scores = np.empty((len(queries), k), dtype=np.float32)
         for start in range(0, len(queries), _QUERY_BLOCK):
-            block = queries[start : start + _QUERY_BLOCK] @ self.matrix.T
-            if excluded is not None:
-                rows = np.nonzero(excluded[start : start + _QUERY_BLOCK] >= 0)[0]
-                block[rows, excluded[start + rows]] = -np.inf
-            best = top_k_columns(block, np.broadcast_to(self._ordinals, block.shape), k)
-            ids[start : start + len(block)] = self.ids[best]
-            scores[start : start + len(block)] = np.take_along_axis(block, best, axis=1)
+            block = queries[start : start + _QUERY_BLOCK]
+            best = RunningTopK(len(block), k, np.int64)
+            for first in range(0, len(self), _LISTING_BLOCK):
+                rows = np.arange(first, min(first + _LISTING_BLOCK, len(self)))
+                block_scores = cosine_scores(block, self.matrix[rows])
+                if excluded is not None:
+                    mine = excluded[start : start + len(block)]
+                    hit = np.nonzero((mine >= first) & (mine < first + len(rows)))[0]
+                    block_scores[hit, mine[hit] - first] = -np.inf
+                best.add(block_scores, self._ordinals[rows], rows)
+            ids[start : start + len(block)] = self.ids[best.values]
+            scores[start : start + len(block)] = best.scores
         return ids, scores
 
     def subset(self, ids: Sequence[str]) -> ListingVectors:
@@ -88,6 +95,38 @@ class ListingVectors:
     def search(self, query: np.ndarray, k: int = 10) -> pd.DataFrame:
         ids, scores = self.nearest(query, k)
         return _ranked(ids[0], scores[0])
+
+
+def cosine_scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(m, n) float32 scores of unit vectors, summed in float64.
+
+    A float32 matrix product rounds each score by a path that depends on where its row sits (BLAS
+    kernels, block edges), so two listings with the same vector could score an ulp apart, and rank by
+    that ulp instead of by listing_id, differently in each block layout. Products of float32 values are
+    exact in float64, so rounding the float64 sum to float32 gives one score per pair wherever it is
+    computed."""
+    return (np.asarray(queries, np.float64) @ np.asarray(vectors, np.float64).T).astype(np.float32)
+
+
+class RunningTopK:
+    """The k best candidates so far of each of `n` query rows, over candidates offered in chunks;
+    equal scores rank by the lower ordinal. `values` holds what the caller keeps of each choice."""
+
+    def __init__(self, n: int, k: int, dtype):
+        self.k = k
+        self.scores = np.empty((n, 0), np.float32)
+        self.ordinals = np.empty((n, 0), np.int64)
+        self.values = np.empty((n, 0), dtype)
+
+    def add(self, scores: np.ndarray, ordinals: np.ndarray, values: np.ndarray) -> None:
+        """`scores` (n, m) of m candidates, whose `ordinals` and `values` are (m,)."""
+        shape = scores.shape
+        merged = [
+            np.concatenate([mine, np.broadcast_to(theirs, shape)], axis=1)
+            for mine, theirs in ((self.scores, scores), (self.ordinals, ordinals), (self.values, values))
+        ]
+        chosen = top_k_columns(merged[0], merged[1], self.k)
+        self.scores, self.ordinals, self.values = (np.take_along_axis(m, chosen, axis=1) for m in merged)
 
 
 def top_k_columns(scores: np.ndarray, ordinals: np.ndarray, k: int) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 from deltalake import DeltaTable, write_deltalake
 from PIL import Image
 
-from depop_embed import evaluation, neighbours, pipeline, serving
+from depop_embed import evaluation, neighbours, pipeline, reader, serving
 from depop_embed.reader import EmbeddingReader, read_table
 from depop_embed.tables import LISTING_TABLE, NEIGHBOURS_TABLE, SEARCH_VECTORS_TABLE, TEXT_TABLE, DeltaRsWriter
 
@@ -49,8 +49,9 @@ def stored(location: str, model_id: str) -> pd.DataFrame:
 
 
 def brute_force(ids: list[str], matrix: np.ndarray, query: np.ndarray, k: int, exclude: str | None = None):
-    """The independent expectation: every score in float64, best first, equal scores by listing_id."""
-    scores = np.asarray(matrix, np.float64) @ np.asarray(query, np.float64)
+    """The independent expectation: every score summed in float64 and kept as float32 (the tables'
+    score type: so listings with the same vector tie), best first, equal scores by listing_id."""
+    scores = (np.asarray(matrix, np.float64) @ np.asarray(query, np.float64)).astype(np.float32).astype(np.float64)
     order = [i for i in sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i])) if ids[i] != exclude][:k]
     return [ids[i] for i in order], scores[order], dict(zip(ids, scores))
 
@@ -291,7 +292,7 @@ def test_exact_search_equals_numpy_on_five_thousand_listings(catalogue):
         np.testing.assert_allclose(gs, want_scores, atol=1e-5)
 
 
-def test_equal_scores_rank_by_listing_id_in_exact_search_and_in_spark(spark, tmp_path):
+def test_equal_scores_rank_by_listing_id_in_exact_search_and_in_spark(spark, tmp_path, monkeypatch):
     """Relisted items have identical vectors: ties must not depend on blocks, partitions or argpartition."""
     base = synthetic_listings("synthetic/dupes", n_active=200, seed=3)
     copies = base.iloc[:120].assign(listing_id=[f"D{i:06d}" for i in range(120)])
@@ -302,7 +303,13 @@ def test_equal_scores_rank_by_listing_id_in_exact_search_and_in_spark(spark, tmp
     got = {lid: g.sort_values("rank")["neighbour_id"].tolist() for lid, g in neighbour_rows(cfg).groupby("listing_id")}
     ids, matrix = active_matrix(frame, "multimodal_embedding")
     vectors = EmbeddingReader(cfg.output.location).vectors("multimodal", "synthetic/dupes")
-    exact, _ = vectors.nearest(matrix, 6, exclude=ids)
+    exact, exact_scores = vectors.nearest(matrix, 6, exclude=ids)
+    # Small blocks of queries and listings, so that copies and excluded listings fall in other blocks.
+    monkeypatch.setattr(reader, "_QUERY_BLOCK", 50)
+    monkeypatch.setattr(reader, "_LISTING_BLOCK", 37)
+    blocked, blocked_scores = vectors.nearest(matrix, 6, exclude=ids)
+    np.testing.assert_array_equal(blocked, exact)
+    np.testing.assert_array_equal(blocked_scores, exact_scores)
     for i, listing_id in enumerate(ids):
         want, _, _ = brute_force(ids, matrix, matrix[i], 6, exclude=listing_id)
         assert got[listing_id] == list(exact[i]) == want, listing_id
