@@ -1,6 +1,6 @@
 """Throughput of the embedding job against three baselines, and its memory against catalogue size.
 
-    python bench/throughput.py                  # about 20-25 minutes on a 2-core CPU
+    python bench/throughput.py                  # 7 to 9 minutes on a 2-core CPU
     python bench/throughput.py --photos 5000 --sample 1200 --set encode.image_batch_size=64
 
 One run, one machine, one model (ViT-B-32 with seeded random weights: the cost of real weights), the
