@@ -50,12 +50,21 @@ def stage(df: DataFrame, path: str) -> tuple[DataFrame, dict[str, int]]:
     return staged, {op: counts.get(op, 0) for op in (UPSERT, META, DELETE) if counts.get(op)}
 
 
+def describe_changes(changes: dict[str, int]) -> str:
+    """A MERGE's rows per operation, e.g. `upsert 12, delete 3`."""
+    return ", ".join(f"{op} {n}" for op, n in changes.items()) or "no change"
+
+
 @dataclass(frozen=True)
 class SyncResult:
+    table: str
     location: str
     rows: int  # rows the table should hold in the scope after the sync
     changes: dict[str, int]  # upsert / delete rows committed
     version: int | None  # the table's version after the sync (unchanged when nothing changed)
+
+    def describe(self) -> str:
+        return f"{self.table}: {self.rows} rows, {describe_changes(self.changes)} -> {self.location} (version {self.version})"
 
 
 def sync_derived(
@@ -128,8 +137,9 @@ def sync(
     else:
         writer.ensure(spec)  # consumers can rely on the table existing
         version = writer.version(spec)
-    log.info("%s: %s -> version %s", spec.name, ", ".join(f"{op} {n}" for op, n in counts.items()) or "no change", version)
-    return SyncResult(writer.location(spec), total, counts, version)
+    result = SyncResult(spec.name, writer.location(spec), total, counts, version)
+    log.info("%s", result.describe())
+    return result
 
 
 def remove(spark: SparkSession, path: str) -> None:

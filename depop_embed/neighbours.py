@@ -9,8 +9,8 @@ k best candidates over the consecutive pairs of its query block that it sees; a 
 listing's k best over all partial lists. Work is the n² dot products of brute force; memory per task
 is two blocks and a (block_size x k) running list; shuffled data is B copies of the vectors.
 
-Equal scores are ordered by listing_id, as `reader.ListingVectors.nearest` orders them, so both give
-the same neighbours.
+Scores come from `reader.cosine_scores` and equal scores are ordered by listing_id, as in
+`reader.ListingVectors.nearest`, so both give the same neighbours.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def build(spark: SparkSession, cfg: Config, model_id: str | None = None, by: str
     )
     scope = (F.col("model_id") == model_id) & (F.col("embedding_column") == column)
     # A neighbour row whose neighbour and score came out the same is not rewritten: the Change Data Feed
-    # shows only neighbours that changed. Scores may move in the last bits when blocks change.
+    # shows only neighbours that changed. (`cosine_scores` gives a pair one score in any block layout;
+    # the tolerance keeps float noise from ever rewriting a row.)
     unchanged = lambda new, old: (new("neighbour_id") == old("neighbour_id")) & (F.abs(new("score") - old("score")) <= 1e-6)  # noqa: E731
     with _one_pair_per_arrow_batch(spark):
         result = merge_source.sync_derived(

@@ -81,8 +81,7 @@ class RunSummary:
         if "listings_read" in self.stats:
             lines.append(sources.describe_counts(self.stats))
         for name, t in self.tables.items():
-            changes = ", ".join(f"{op} {n}" for op, n in t.changes.items()) or "no change"
-            lines.append(f"  {name}: {changes} ({t.errors} errors) -> {t.location} (version {t.version})")
+            lines.append(f"  {name}: {merge_source.describe_changes(t.changes)} ({t.errors} errors) -> {t.location} (version {t.version})")
         for kind, batches in (("images", "image_batches"), ("texts", "text_batches")):
             rows, secs = self.stats.get(kind, 0), self.seconds.get(kind, 0.0)
             rate = rows / secs if secs else 0.0

@@ -71,13 +71,13 @@ class ListingVectors:
             block = queries[start : start + _QUERY_BLOCK]
             best = RunningTopK(len(block), k, np.int64)
             for first in range(0, len(self), _LISTING_BLOCK):
-                rows = np.arange(first, min(first + _LISTING_BLOCK, len(self)))
-                block_scores = cosine_scores(block, self.matrix[rows])
+                last = min(first + _LISTING_BLOCK, len(self))
+                block_scores = cosine_scores(block, self.matrix[first:last])
                 if excluded is not None:
                     mine = excluded[start : start + len(block)]
-                    hit = np.nonzero((mine >= first) & (mine < first + len(rows)))[0]
+                    hit = np.nonzero((mine >= first) & (mine < last))[0]
                     block_scores[hit, mine[hit] - first] = -np.inf
-                best.add(block_scores, self._ordinals[rows], rows)
+                best.add(block_scores, self._ordinals[first:last], np.arange(first, last))
             ids[start : start + len(block)] = self.ids[best.values]
             scores[start : start + len(block)] = best.scores
         return ids, scores

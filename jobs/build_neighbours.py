@@ -24,8 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = config.parse_job_arguments(build_parser(), argv)
     result = neighbours.build(get_spark(cfg), cfg, args.model_id, args.by)
-    changes = ", ".join(f"{op} {n}" for op, n in result.changes.items()) or "no change"
-    print(f"listing_neighbours: {result.rows} rows, {changes} -> {result.location} (version {result.version})")
+    print(result.describe())
     return 0
 
 

@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     result = serving.export(get_spark(cfg), cfg, args.model_id)
     print(f"ANN index of {result.listings} listings of {result.model_id} -> {result.index_folder}")
     if result.search_vectors is not None:
-        s = result.search_vectors
-        changes = ", ".join(f"{op} {n}" for op, n in s.changes.items()) or "no change"
-        print(f"listing_search_vectors: {s.rows} rows, {changes} -> {s.location} (version {s.version})")
+        print(result.search_vectors.describe())
     if result.vector_search_file is not None:
         print(f"Vector Search index definition -> {result.vector_search_file}")
     return 0
