@@ -92,7 +92,6 @@ def sync_derived(
             **{f"depop_embed.{k}": v for k, v in info.items()},
         },
         model_id=model_id,
-        run_seq=int(started.timestamp() * 1000),
     )
     staging = f"{cfg.staging_path.rstrip('/')}/{run_id}"
     try:

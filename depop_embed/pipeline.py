@@ -91,9 +91,10 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def run(spark: SparkSession, cfg: Config) -> RunSummary:
-    """One job run, recorded as an MLflow run (FAILED, with the reason, when it raises)."""
-    now = datetime.now(timezone.utc)
+def run(spark: SparkSession, cfg: Config, now: datetime | None = None) -> RunSummary:
+    """One job run, recorded as an MLflow run (FAILED, with the reason, when it raises). `now` is the
+    run's time (its rows' embedded_at/updated_at, the retention cut-off): the wall clock by default."""
+    now = now or datetime.now(timezone.utc)
     run_id = new_run_id(now)
     with tracking.tracked_run(cfg, run_id) as tracker:
         summary = _run(spark, cfg, now, run_id, tracker)
@@ -105,6 +106,7 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
     started = time.monotonic()
     engine = resolve_engine(spark, cfg)
     writer = open_writer(spark, cfg, engine)
+    writer.check_location()
     # A registered model's alias is resolved to one version here, once: the whole run uses that version.
     model = registry.pin(cfg.model, cfg.tracking)
     mid = encoders.model_id(model)
@@ -200,7 +202,6 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
                 **{f"depop_embed.{name}_snapshot": snap for name, snap in src.snapshot.items()},
             },
             model_id=mid,
-            run_seq=int(now.timestamp() * 1000),
         )
         results = {}
         commit_started = time.monotonic()
@@ -217,11 +218,7 @@ def _run(spark: SparkSession, cfg: Config, now: datetime, run_id: str, tracker: 
             table = staged[spec.name]
             results[spec.name] = TableResult(writer.location(spec), table.rows, table.errors, counts, version)
         if writer.current_model() is None:  # the first model written becomes the one consumers read
-            try:
-                writer.set_current_model(mid, f"run {run_id}")
-            except Exception:  # a concurrent first run set it between our check and our commit
-                if writer.current_model() is None:
-                    raise
+            writer.set_current_model(mid, f"run {run_id}", replace=False)
         seconds["commit"] = time.monotonic() - commit_started
     finally:
         merge_source.remove(spark, staging)

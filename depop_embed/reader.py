@@ -20,7 +20,7 @@ import pyarrow as pa
 from depop_embed import encoders, listing_text, registry
 from depop_embed.config import Config, ModelConfig, OutputConfig, TextConfig, TrackingConfig
 from depop_embed.tables import (
-    LISTING_TABLE, TEXT_TABLE, DeltaRsWriter, SparkDeltaWriter, TableWriter, open_writer, table_spec,
+    LISTING_TABLE, TEXT_TABLE, DeltaRsWriter, SparkDeltaWriter, TableWriter, open_writer, sql_literal, table_spec,
 )
 
 EMBEDDING_COLUMNS = {"image": "image_embedding", "text": "text_embedding", "multimodal": "multimodal_embedding"}
@@ -195,12 +195,7 @@ class EmbeddingReader:
         spec = table_spec(name)
         model_id = model_id or self.current_model()
         if isinstance(self.writer, DeltaRsWriter):
-            from deltalake import DeltaTable
-
-            path = self.writer.location(spec)
-            if not DeltaTable.is_deltatable(path):
-                return spec.arrow_schema().empty_table().select(list(columns or spec.column_names))
-            return DeltaTable(path).to_pyarrow_table(columns=list(columns) if columns else None, filters=[("model_id", "=", model_id)])
+            return self.writer.rows(spec, columns, predicate=f"model_id = {sql_literal(model_id)}")
         return self.spark_table(name, model_id).select(*(columns or spec.column_names)).toArrow()
 
     def spark_table(self, name: str, model_id: str | None = None):

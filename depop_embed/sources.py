@@ -125,13 +125,17 @@ def _read_table(spark: SparkSession, src: SourceConfig, engine: str) -> tuple[Da
     try:
         if src.format == "delta":
             if engine == "spark":
-                ident = f"delta.`{src.path}`" if "/" in src.path else src.path
+                from depop_embed.tables import absolute_location, quote_name
+
+                ident = f"delta.`{absolute_location(src.path)}`" if "/" in src.path else quote_name(src.path)
                 version = spark.sql(f"DESCRIBE HISTORY {ident} LIMIT 1").first()["version"]
                 return spark.sql(f"SELECT * FROM {ident} VERSION AS OF {version}"), f"delta:{src.path}@v{version}"
             from deltalake import DeltaTable
 
+            from depop_embed.tables import delta_rs_frame
+
             table = DeltaTable(src.path)
-            return spark.createDataFrame(table.to_pyarrow_table()), f"delta:{src.path}@v{table.version()}"
+            return delta_rs_frame(spark, table), f"delta:{src.path}@v{table.version()}"
         if src.format == "csv":
             return spark.read.options(header=True, multiLine=True, escape='"').csv(src.path), read_at
         return spark.read.format(src.format).load(src.path), read_at

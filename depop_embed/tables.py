@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import pyarrow as pa
 
@@ -174,6 +175,7 @@ CURRENT_MODEL_TABLE = TableSpec(
         _MODEL_ID,
         Column("set_at", "timestamp", False, "When the pointer was last set (UTC)."),
         Column("set_by", "string", True, "The run or command that set it."),
+        Column("previous_model_id", "string", True, "The model_id the pointer named before it was last switched (null before any switch): what a new model is compared with."),
     ),
     comment="Which model_id consumers read from the embedding tables: switching models is one row update.",
 )
@@ -221,18 +223,6 @@ def table_spec(name: str) -> TableSpec:
     return spec
 
 
-def pointer_history(changes: list[Mapping[str, Any]]) -> list[str]:
-    """The model_ids the `default` pointer has named, newest first, from its Change Data Feed rows."""
-    named = [
-        r for r in changes
-        if r["name"] == DEFAULT_POINTER and r["_change_type"] in ("insert", "update_postimage")
-    ]
-    history: list[str] = []
-    for row in sorted(named, key=lambda r: r["_commit_version"], reverse=True):
-        if not history or history[-1] != row["model_id"]:
-            history.append(row["model_id"])
-    return history
-
 
 @dataclass(frozen=True)
 class Commit:
@@ -240,11 +230,17 @@ class Commit:
 
     info: Mapping[str, Any]  # commit metadata (run id, model id, source snapshot...)
     model_id: str
-    run_seq: int  # increases from run to run (the run's start, epoch ms): the transaction version
 
     @property
     def app_id(self) -> str:
         return f"depop_embed/{self.model_id}"
+
+    @staticmethod
+    def txn_version(read_version: int | None) -> int:
+        """The transaction version of work computed against `read_version` of a table: the same work
+        retried gets the same id and is applied once. It grows from commit to commit of the model
+        (each run reads at least the version its previous commit made), whatever the clocks say."""
+        return 0 if read_version is None else read_version + 1
 
 
 def new_run_id(now) -> str:
@@ -252,10 +248,30 @@ def new_run_id(now) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
+def commit_metadata(text: str | None) -> dict[str, Any]:
+    """A commit's `userMetadata` as a dict: both engines write ours as JSON; another writer's may be any text."""
+    if not text:
+        return {}
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def commit_info(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Our metadata of a commit as delta-rs's history lists it: the `userMetadata` JSON, or the flat
+    `depop_embed.*` keys that older delta-rs commits of ours carried."""
+    legacy = {k: v for k, v in entry.items() if k.startswith("depop_embed.")}
+    return {**legacy, **commit_metadata(entry.get("userMetadata"))}
+
+
 class TableWriter(Protocol):
     engine: str
 
     def location(self, spec: TableSpec) -> str: ...
+
+    def check_location(self) -> None: ...  # fails at once when the tables' place cannot hold them
 
     def version(self, spec: TableSpec) -> int | None: ...
 
@@ -269,7 +285,7 @@ class TableWriter(Protocol):
 
     def model_history(self) -> list[str]: ...
 
-    def set_current_model(self, model_id: str, set_by: str) -> None: ...
+    def set_current_model(self, model_id: str, set_by: str, replace: bool = True) -> None: ...
 
 
 def open_writer(spark, cfg, engine: str | None = None) -> TableWriter:
@@ -293,6 +309,24 @@ def check_no_concurrent_run(spec: TableSpec, history_since_read: list[Mapping[st
             )
 
 
+def pointer_models(row: Mapping[str, Any] | None) -> list[str]:
+    """The pointer row's model_ids, the current one first, then the one before it."""
+    if row is None:
+        return []
+    return list(dict.fromkeys(m for m in (row.get("model_id"), row.get("previous_model_id")) if m))
+
+
+# The pointer's MERGE: `previous_model_id` keeps the model that was current before a switch (setting the
+# same model again keeps it as it was). Both engines take these SQL expressions.
+_POINTER_UPDATE = {
+    "model_id": "s.model_id",
+    "set_at": "s.set_at",
+    "set_by": "s.set_by",
+    "previous_model_id": "CASE WHEN t.model_id = s.model_id THEN t.previous_model_id ELSE t.model_id END",
+}
+_MODEL_KEYED = tuple(s for s in ALL_TABLES if "model_id" in s.key)  # what a `<table>_current` view filters
+
+
 class DeltaRsWriter:
     """Tables in a folder, written with delta-rs; the source rows come from the staged Parquet."""
 
@@ -306,17 +340,26 @@ class DeltaRsWriter:
     def location(self, spec: TableSpec) -> str:
         return f"{self.root}/{spec.name}"
 
-    def version(self, spec: TableSpec) -> int | None:
+    def check_location(self) -> None:
+        """A folder of tables is created with its first table."""
+
+    def _table(self, spec: TableSpec, version: int | None = None):
         from deltalake import DeltaTable
 
         path = self.location(spec)
-        return DeltaTable(path).version() if DeltaTable.is_deltatable(path) else None
+        if not DeltaTable.is_deltatable(path):
+            return None
+        return DeltaTable(path, version=version)
+
+    def version(self, spec: TableSpec) -> int | None:
+        table = self._table(spec)
+        return None if table is None else table.version()
 
     def ensure(self, spec: TableSpec):
         from deltalake import DeltaTable
 
         try:
-            return DeltaTable.create(
+            table = DeltaTable.create(
                 self.location(spec),
                 spec.arrow_schema(),
                 mode="ignore",
@@ -325,25 +368,39 @@ class DeltaRsWriter:
                 configuration={CDF_PROPERTY: "true"},
             )
         except Exception:  # two first runs at once: the other one created the table between check and commit
-            if DeltaTable.is_deltatable(self.location(spec)):
-                return DeltaTable(self.location(spec))
-            raise
+            table = self._table(spec)
+            if table is None:
+                raise
+        missing = [f for f in spec.arrow_schema() if f.name not in table.schema().to_arrow().names]
+        if missing:  # the contract gained a column since the table was created
+            from deltalake.schema import Field
+
+            table.alter.add_columns([Field.from_arrow(f) for f in missing])
+            log.info("%s: added column(s) %s", spec.name, ", ".join(f.name for f in missing))
+        return table
 
     def read(self, spec: TableSpec, version: int | None):
-        """The table's rows at `version` as a Spark DataFrame over its Parquet files (delta-rs writes no deletion vectors)."""
-        from deltalake import DeltaTable
-
-        files = DeltaTable(self.location(spec), version=version).file_uris() if version is not None else []
-        if not files:
+        """The table's rows at `version` as a Spark DataFrame (deletion vectors applied)."""
+        table = self._table(spec, version) if version is not None else None
+        if table is None:
             return self.spark.createDataFrame([], _spark_schema(spec))
-        return self.spark.read.parquet(*files).select(*spec.column_names)
+        return delta_rs_frame(self.spark, table, _spark_schema(spec)).select(*spec.column_names)
+
+    def rows(self, spec: TableSpec, columns: Sequence[str] | None = None, predicate: str | None = None) -> pa.Table:
+        """The table's current rows as Arrow, read by delta-rs without Spark (deletion vectors applied)."""
+        table = self._table(spec)
+        names = list(columns or spec.column_names)
+        if table is None:
+            return spec.arrow_schema().empty_table().select(names)
+        schema = spec.arrow_schema()
+        # DataFusion's scan gives string/binary *view* arrays: cast to the contract's types.
+        return pa.table(table.scan(columns=names, predicate=predicate)).select(names).cast(pa.schema([schema.field(n) for n in names]))
 
     def history_since(self, spec: TableSpec, version: int | None) -> list[dict[str, Any]]:
-        from deltalake import DeltaTable
-
-        if version is None or not DeltaTable.is_deltatable(self.location(spec)):
+        table = self._table(spec)
+        if version is None or table is None:
             return []
-        return [h for h in DeltaTable(self.location(spec)).history() if h.get("version", -1) > version]
+        return [{**commit_info(h), "version": h["version"]} for h in table.history() if h.get("version", -1) > version]
 
     def merge(self, spec: TableSpec, staged_path: str, read_version: int | None, commit: Commit) -> int | None:
         """One MERGE commit; retried when a run of another model committed in between. Returns the new version."""
@@ -358,15 +415,17 @@ class DeltaRsWriter:
             .sort_by([(k, "ascending") for k in spec.key])  # keeps files ordered by the key
             .cast(spec.merge_source_schema())
         )
+        txn_version = Commit.txn_version(read_version)
         properties = CommitProperties(
-            custom_metadata={k: str(v) for k, v in commit.info.items()},
-            app_transactions=[Transaction(commit.app_id, commit.run_seq)],
+            custom_metadata={"userMetadata": json.dumps(dict(commit.info), sort_keys=True)},
+            app_transactions=[Transaction(commit.app_id, txn_version)],
         )
         for attempt in range(self.attempts):
             check_no_concurrent_run(spec, self.history_since(spec, read_version), commit, read_version)
             table = self.ensure(spec)
-            if (table.transaction_version(commit.app_id) or -1) >= commit.run_seq:
-                log.info("%s: this run's commit is already in the table (version %d)", spec.name, table.version())
+            applied = table.transaction_version(commit.app_id)
+            if applied is not None and applied >= txn_version:
+                log.info("%s: this work is already in the table (version %d)", spec.name, table.version())
                 return table.version()
             merger = table.merge(source, spec.merge_predicate(), source_alias="s", target_alias="t", commit_properties=properties)
             for clause, condition, assignments in spec.merge_clauses():
@@ -383,96 +442,189 @@ class DeltaRsWriter:
                 log.warning("%s: commit attempt %d failed (%s); checking who committed", spec.name, attempt + 1, exc)
         raise ConcurrentRunError(f"{spec.name}: could not commit after {self.attempts} attempts: the table keeps changing")
 
-    def current_model(self) -> str | None:
-        from deltalake import DeltaTable
+    def _pointer(self) -> dict[str, Any] | None:
+        rows = self.rows(CURRENT_MODEL_TABLE, predicate=f"name = {sql_literal(DEFAULT_POINTER)}").to_pylist()
+        return rows[0] if rows else None
 
-        path = self.location(CURRENT_MODEL_TABLE)
-        if not DeltaTable.is_deltatable(path):
-            return None
-        rows = DeltaTable(path).to_pyarrow_table(filters=[("name", "=", DEFAULT_POINTER)]).to_pylist()
-        return rows[0]["model_id"] if rows else None
+    def current_model(self) -> str | None:
+        row = self._pointer()
+        return row["model_id"] if row else None
 
     def model_history(self) -> list[str]:
-        """Every model_id the pointer has named, the current one first."""
-        from deltalake import DeltaTable
+        """The current model_id, then the one before it."""
+        return pointer_models(self._pointer())
 
-        path = self.location(CURRENT_MODEL_TABLE)
-        if not DeltaTable.is_deltatable(path):
-            return []
-        return pointer_history(pa.table(DeltaTable(path).load_cdf(starting_version=0)).to_pylist())
-
-    def set_current_model(self, model_id: str, set_by: str) -> None:
-        import pyarrow as pa
+    def set_current_model(self, model_id: str, set_by: str, replace: bool = True) -> None:
+        """Upsert the pointer (`replace=False`: only where none is set yet)."""
+        from deltalake.exceptions import CommitFailedError
 
         row = pa.Table.from_pylist(
-            [{"name": DEFAULT_POINTER, "model_id": model_id, "set_at": _now(), "set_by": set_by}],
+            [{"name": DEFAULT_POINTER, "model_id": model_id, "set_at": _now(), "set_by": set_by, "previous_model_id": None}],
             schema=CURRENT_MODEL_TABLE.arrow_schema(),
         )
-        (
-            self.ensure(CURRENT_MODEL_TABLE)
-            .merge(row, CURRENT_MODEL_TABLE.merge_predicate(), source_alias="s", target_alias="t")
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute()
-        )
+        for attempt in range(self.attempts):
+            merger = self.ensure(CURRENT_MODEL_TABLE).merge(row, CURRENT_MODEL_TABLE.merge_predicate(), source_alias="s", target_alias="t")
+            if replace:
+                merger = merger.when_matched_update(_POINTER_UPDATE)
+            try:
+                merger.when_not_matched_insert_all().execute()
+                return
+            except CommitFailedError:  # another run set it meanwhile: merge again over what it wrote
+                if attempt == self.attempts - 1:
+                    raise
+
+
+# Reader features whose tables are read correctly from their Parquet files once deletion vectors are
+# applied; any other (column mapping renames the Parquet columns) is refused rather than misread.
+_FILE_READABLE_FEATURES = {"deletionVectors", "timestampNtz", "v2Checkpoint", "vacuumProtocolCheck"}
+
+
+def delta_rs_frame(spark, table, schema: str | None = None):
+    """A Delta table version listed by delta-rs, as a Spark DataFrame over its Parquet files: the files
+    are read by the executors, and the rows that deletion vectors (Spark/Databricks) delete are taken
+    out by file and row index, so deleted rows never come back."""
+    import posixpath
+    from urllib.parse import urlparse
+
+    from pyspark.sql import functions as F
+
+    protocol = table.protocol()
+    unreadable = set(protocol.reader_features or ()) - _FILE_READABLE_FEATURES
+    if unreadable:
+        raise ValueError(f"{table.table_uri}: reader feature(s) {', '.join(sorted(unreadable))} are not supported here")
+    files = table.file_uris()
+    reader = spark.read.schema(schema) if schema else spark.read.option("mergeSchema", "true")
+    if not files:
+        return spark.createDataFrame([], schema) if schema else spark.createDataFrame([], "_empty string")
+    frame = reader.parquet(*files)
+    deleted = [
+        (posixpath.basename(urlparse(path).path), row)
+        for path, keep in zip(*pa.table(table.deletion_vectors()).to_pydict().values())
+        for row, kept in enumerate(keep)
+        if not kept
+    ] if "deletionVectors" in (protocol.reader_features or ()) else []
+    if not deleted:
+        return frame
+    columns = frame.columns
+    located = frame.select(
+        "*",
+        F.element_at(F.split(F.col("_metadata.file_path"), "/"), -1).alias("_dv_file"),
+        F.col("_metadata.row_index").alias("_dv_row"),
+    )
+    gone = spark.createDataFrame(deleted, "_dv_file string, _dv_row long")
+    return located.join(F.broadcast(gone), ["_dv_file", "_dv_row"], "left_anti").select(*columns)
+
+
+# Delta's commit conflicts (another transaction committed what this one read or wrote): the Java
+# classes live in io.delta.exceptions; their error conditions start with these.
+_CONFLICT_CONDITIONS = ("DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED")
+
+
+def is_commit_conflict(exc: BaseException) -> bool:
+    """Whether a Spark Delta error is a commit conflict (ConcurrentAppendException and friends), which a
+    retry against the new table version may resolve."""
+    text = str(exc)
+    return "io.delta.exceptions." in text or any(f"[{c}" in text for c in _CONFLICT_CONDITIONS)
 
 
 class SparkDeltaWriter:
     """Tables written by Spark's Delta connector: a folder of path tables, or a Unity Catalog schema."""
 
     engine = "spark"
+    attempts = 3
 
     def __init__(self, spark, location: str, is_catalog: bool):
         self.spark = spark
-        self.root = location.rstrip("/")
         self.is_catalog = is_catalog
+        # Delta takes `delta.`<path>`` as a path only when the path is absolute.
+        self.root = location.rstrip("/") if is_catalog else absolute_location(location)
 
     def location(self, spec: TableSpec) -> str:
         return f"{self.root}.{spec.name}" if self.is_catalog else f"{self.root}/{spec.name}"
 
-    def _ident(self, spec: TableSpec, suffix: str = "") -> str:
+    def ident(self, spec: TableSpec, suffix: str = "") -> str:
+        """The table as a Spark SQL identifier (catalog names quoted part by part: they may hold hyphens)."""
         if self.is_catalog:
-            return ".".join(f"`{p}`" for p in (self.location(spec) + suffix).split("."))
-        return f"delta.`{self.location(spec)}`"
+            return quote_name(self.location(spec) + suffix)
+        return "delta.`" + self.location(spec).replace("`", "``") + "`"
 
-    def _history(self, spec: TableSpec, limit: str = "") -> list:
-        try:
-            return self.spark.sql(f"DESCRIBE HISTORY {self._ident(spec)} {limit}").collect()
-        except Exception:  # AnalysisException: the table does not exist yet
-            return []
+    def check_location(self) -> None:
+        """A Unity Catalog schema must exist before the run encodes anything (the jobs create tables, not schemas)."""
+        if self.is_catalog and not self.spark.catalog.databaseExists(quote_name(self.root)):
+            raise ValueError(
+                f"output.location: schema {self.root} does not exist; create it first (CREATE SCHEMA {quote_name(self.root)})"
+            )
+
+    def exists(self, spec: TableSpec) -> bool:
+        if self.is_catalog:
+            return self.spark.catalog.tableExists(self.ident(spec))
+        from delta.tables import DeltaTable
+
+        return DeltaTable.isDeltaTable(self.spark, self.location(spec))
 
     def version(self, spec: TableSpec) -> int | None:
-        rows = self._history(spec, "LIMIT 1")
-        return int(rows[0]["version"]) if rows else None
+        if not self.exists(spec):
+            return None
+        return int(self.spark.sql(f"DESCRIBE HISTORY {self.ident(spec)} LIMIT 1").first()["version"])
 
     def ensure(self, spec: TableSpec) -> None:
-        self.spark.sql(
-            f"CREATE TABLE IF NOT EXISTS {self._ident(spec)} ({spec.spark_ddl()}) USING DELTA "
-            f"CLUSTER BY ({spec.key[0]}) COMMENT {_sql_str(spec.comment)} "
-            f"TBLPROPERTIES ('{CDF_PROPERTY}' = 'true')"
-        )
+        # Liquid clustering in Unity Catalog; a folder's tables stay writable by delta-rs, which cannot
+        # write clustered tables.
+        clustering = f"CLUSTER BY ({spec.key[0]}) " if self.is_catalog else ""
+        try:
+            self.spark.sql(
+                f"CREATE TABLE IF NOT EXISTS {self.ident(spec)} ({spec.spark_ddl()}) USING DELTA "
+                f"{clustering}COMMENT {_sql_str(spec.comment)} TBLPROPERTIES ('{CDF_PROPERTY}' = 'true')"
+            )
+        except Exception:  # two first runs at once: the other one created it between our check and our commit
+            if not self.exists(spec):
+                raise
+        present = set(self.spark.table(self.ident(spec)).columns)
+        missing = [c for c in spec.columns if c.name not in present]
+        if missing:  # the contract gained a column since the table was created
+            added = ", ".join(f"`{c.name}` {_SPARK_TYPES[c.type]} COMMENT {_sql_str(c.comment)}" for c in missing)
+            self.spark.sql(f"ALTER TABLE {self.ident(spec)} ADD COLUMNS ({added})")
+        if self.is_catalog and spec in _MODEL_KEYED and self.exists(CURRENT_MODEL_TABLE):
+            self._create_current_view(spec)
 
     def read(self, spec: TableSpec, version: int | None):
         if version is None:
             return self.spark.createDataFrame([], _spark_schema(spec))
-        return self.spark.sql(f"SELECT * FROM {self._ident(spec)} VERSION AS OF {int(version)}").select(*spec.column_names)
+        return self.spark.sql(f"SELECT * FROM {self.ident(spec)} VERSION AS OF {int(version)}").select(*spec.column_names)
 
     def history_since(self, spec: TableSpec, version: int | None) -> list[dict[str, Any]]:
-        if version is None:
+        if version is None or not self.exists(spec):
             return []
-        entries = []
-        for row in self._history(spec):
-            if int(row["version"]) > version:
-                info = json.loads(row["userMetadata"]) if row["userMetadata"] else {}
-                entries.append({**info, "version": int(row["version"])})
-        return entries
+        rows = self.spark.sql(f"DESCRIBE HISTORY {self.ident(spec)}").where(f"version > {int(version)}").collect()
+        return [{**commit_metadata(row["userMetadata"]), "version": int(row["version"])} for row in rows]
 
     def merge(self, spec: TableSpec, staged_path: str, read_version: int | None, commit: Commit) -> int | None:
-        """One MERGE INTO; Delta skips it when this (app id, run) transaction is already in the table."""
-        check_no_concurrent_run(spec, self.history_since(spec, read_version), commit, read_version)
-        self.ensure(spec)
+        """One MERGE INTO, retried on a commit conflict with a run of another model; Delta skips it when
+        this (app id, transaction version) is already in the table. Returns the new version."""
+        settings = {
+            "spark.databricks.delta.commitInfo.userMetadata": json.dumps(dict(commit.info), sort_keys=True),
+            "spark.databricks.delta.write.txnAppId": commit.app_id,
+            "spark.databricks.delta.write.txnVersion": str(Commit.txn_version(read_version)),
+        }
+        for attempt in range(self.attempts):
+            check_no_concurrent_run(spec, self.history_since(spec, read_version), commit, read_version)
+            self.ensure(spec)
+            try:
+                self._merge_once(spec, self.merge_source(spec, staged_path), settings)
+                return self.version(spec)
+            except Exception as exc:
+                if not is_commit_conflict(exc):
+                    raise
+                log.warning("%s: commit attempt %d conflicted (%s); checking who committed", spec.name, attempt + 1, str(exc)[:300])
+        raise ConcurrentRunError(f"{spec.name}: could not commit after {self.attempts} attempts: the table keeps changing")
+
+    def merge_source(self, spec: TableSpec, staged_path: str):
+        """The staged MERGE source rows (a seam: tests hold a MERGE here to race a concurrent commit)."""
+        return self.spark.read.parquet(staged_path).select(*spec.column_names, OP_COLUMN)
+
+    def _merge_once(self, spec: TableSpec, source, settings: Mapping[str, str]) -> None:
         view = f"depop_embed_stage_{spec.name}_{uuid.uuid4().hex[:8]}"
-        self.spark.read.parquet(staged_path).select(*spec.column_names, OP_COLUMN).createOrReplaceTempView(view)
+        source.createOrReplaceTempView(view)
         clauses = []
         for clause, condition, assignments in spec.merge_clauses():
             if clause == "matched_delete":
@@ -485,54 +637,74 @@ class SparkDeltaWriter:
                     f"WHEN NOT MATCHED AND {condition} THEN INSERT ({', '.join(f'`{c}`' for c in assignments)}) "
                     f"VALUES ({', '.join(assignments.values())})"
                 )
-        run_conf = {
-            "spark.databricks.delta.commitInfo.userMetadata": json.dumps(dict(commit.info), sort_keys=True),
-            "spark.databricks.delta.write.txnAppId": commit.app_id,
-            "spark.databricks.delta.write.txnVersion": str(commit.run_seq),
-        }
-        for key, value in run_conf.items():
+        for key, value in settings.items():
             self.spark.conf.set(key, value)
         try:
             self.spark.sql(
-                f"MERGE INTO {self._ident(spec)} t USING {view} s ON {spec.merge_predicate()} " + " ".join(clauses)
+                f"MERGE INTO {self.ident(spec)} t USING {view} s ON {spec.merge_predicate()} " + " ".join(clauses)
             ).collect()
         finally:
-            for key in run_conf:
+            for key in settings:
                 self.spark.conf.unset(key)
             self.spark.catalog.dropTempView(view)
-        return self.version(spec)
+
+    def _pointer(self) -> dict[str, Any] | None:
+        if not self.exists(CURRENT_MODEL_TABLE):
+            return None
+        row = self.spark.table(self.ident(CURRENT_MODEL_TABLE)).where(f"name = {_sql_str(DEFAULT_POINTER)}").first()
+        return row.asDict() if row else None
 
     def current_model(self) -> str | None:
-        if not self._history(CURRENT_MODEL_TABLE, "LIMIT 1"):
-            return None
-        row = self.spark.sql(
-            f"SELECT model_id FROM {self._ident(CURRENT_MODEL_TABLE)} WHERE name = '{DEFAULT_POINTER}'"
-        ).first()
+        row = self._pointer()
         return row["model_id"] if row else None
 
     def model_history(self) -> list[str]:
-        """Every model_id the pointer has named, the current one first."""
-        if not self._history(CURRENT_MODEL_TABLE, "LIMIT 1"):
-            return []
-        reader = self.spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0)
-        ident = self.location(CURRENT_MODEL_TABLE)
-        changes = reader.table(ident) if self.is_catalog else reader.load(ident)
-        return pointer_history([r.asDict() for r in changes.collect()])
+        """The current model_id, then the one before it."""
+        return pointer_models(self._pointer())
 
-    def set_current_model(self, model_id: str, set_by: str) -> None:
-        """Upsert the pointer; in Unity Catalog also (re)create `<table>_current` views that follow it."""
+    def set_current_model(self, model_id: str, set_by: str, replace: bool = True) -> None:
+        """Upsert the pointer (`replace=False`: only where none is set yet); in Unity Catalog also
+        (re)create the `<table>_current` views that follow it, for the tables that exist."""
         self.ensure(CURRENT_MODEL_TABLE)
-        self.spark.sql(
-            f"MERGE INTO {self._ident(CURRENT_MODEL_TABLE)} t USING (SELECT '{DEFAULT_POINTER}' AS name, "
-            f"{_sql_str(model_id)} AS model_id, current_timestamp() AS set_at, {_sql_str(set_by)} AS set_by) s "
-            f"ON {CURRENT_MODEL_TABLE.merge_predicate()} WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
-        )
-        if self.is_catalog:
-            for spec in (*TABLES, NEIGHBOURS_TABLE):
+        update = ", ".join(f"t.`{c}` = {v}" for c, v in _POINTER_UPDATE.items())
+        matched = f"WHEN MATCHED THEN UPDATE SET {update} " if replace else ""
+        for attempt in range(self.attempts):
+            try:
                 self.spark.sql(
-                    f"CREATE OR REPLACE VIEW {self._ident(spec, '_current')} AS SELECT * FROM {self._ident(spec)} "
-                    f"WHERE model_id = (SELECT model_id FROM {self._ident(CURRENT_MODEL_TABLE)} WHERE name = '{DEFAULT_POINTER}')"
-                )
+                    f"MERGE INTO {self.ident(CURRENT_MODEL_TABLE)} t USING (SELECT {_sql_str(DEFAULT_POINTER)} AS name, "
+                    f"{_sql_str(model_id)} AS model_id, current_timestamp() AS set_at, {_sql_str(set_by)} AS set_by, "
+                    f"CAST(NULL AS STRING) AS previous_model_id) s ON {CURRENT_MODEL_TABLE.merge_predicate()} "
+                    f"{matched}WHEN NOT MATCHED THEN INSERT *"
+                ).collect()
+                break
+            except Exception as exc:  # another run set it meanwhile: merge again over what it wrote
+                if not is_commit_conflict(exc) or attempt == self.attempts - 1:
+                    raise
+        if self.is_catalog:
+            for spec in _MODEL_KEYED:
+                if self.exists(spec):
+                    self._create_current_view(spec)
+
+    def _create_current_view(self, spec: TableSpec) -> None:
+        self.spark.sql(
+            f"CREATE OR REPLACE VIEW {self.ident(spec, '_current')} AS SELECT * FROM {self.ident(spec)} "
+            f"WHERE model_id = (SELECT model_id FROM {self.ident(CURRENT_MODEL_TABLE)} WHERE name = {_sql_str(DEFAULT_POINTER)})"
+        )
+
+
+def quote_name(name: str) -> str:
+    """catalog.schema[.table] as a Spark SQL identifier, each part quoted."""
+    return ".".join("`" + part.replace("`", "``") + "`" for part in name.split("."))
+
+
+def absolute_location(location: str) -> str:
+    """A folder of tables as an absolute path or URI: relative local paths are made absolute."""
+    from urllib.parse import urlparse
+
+    location = location.rstrip("/")
+    if len(urlparse(location).scheme) > 1:  # s3://, abfss://, dbfs:/, file:/ (one letter: a Windows drive)
+        return location
+    return os.path.abspath(location)
 
 
 def _spark_schema(spec: TableSpec) -> str:
@@ -547,3 +719,8 @@ def _now():
 
 def _sql_str(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def sql_literal(text: str) -> str:
+    """A string literal for delta-rs's SQL predicates (DataFusion: quotes doubled, no backslash escapes)."""
+    return "'" + text.replace("'", "''") + "'"

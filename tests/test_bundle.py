@@ -300,17 +300,9 @@ def test_packaged_config_names_load_the_files_under_conf(tmp_path, monkeypatch):
         config.load("databricks.yaml")  # with a suffix it is a file, and there is none here
 
 
-def test_the_wheel_holds_the_package_and_conf_and_runs_from_a_clean_venv(tmp_path):
-    source = tmp_path / "src"  # a copy, so the build leaves no build/ or egg-info in the checkout
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source)
-    for name in ("depop_embed", "conf"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    dist = tmp_path / "dist"
+def test_the_wheel_holds_the_package_and_conf_and_runs_from_a_clean_venv(built_wheel, tmp_path):
+    wheel = built_wheel
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", dist, source], check=True)
-    (wheel,) = dist.glob("depop_embed-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in (ROOT / "depop_embed").glob("*.py"):
         assert f"depop_embed/{module.name}" in names

@@ -26,7 +26,7 @@ from depop_embed import evaluation, neighbours, pipeline, reader, serving
 from depop_embed.reader import EmbeddingReader, read_table
 from depop_embed.tables import LISTING_TABLE, NEIGHBOURS_TABLE, SEARCH_VECTORS_TABLE, TEXT_TABLE, DeltaRsWriter
 
-from conftest import ROOT, SAMPLE, make_config, open_clip_model
+from conftest import ROOT, SAMPLE, make_config, open_clip_model, read_delta
 
 SEED0, SEED1 = "depop-tiny-clip/seed-0", "depop-tiny-clip/seed-1"
 COLUMNS = {"image": "image_embedding", "text": "text_embedding", "multimodal": "multimodal_embedding"}
@@ -39,13 +39,15 @@ def two_models(spark, sample_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("consumers")
     shutil.copytree(sample_cfg.output.location, tmp / "tables")
     outputs = [f"serving.index_path={tmp}/serving", f"evaluation.report_dir={tmp}/reports", "evaluation.report_listings=6"]
-    cfg1 = make_config(tmp, "model.seed=1", *outputs)
+    engine = sample_cfg.output.engine
+    cfg1 = make_config(tmp, "model.seed=1", *outputs, engine=engine)
     pipeline.run(spark, cfg1)
-    return make_config(tmp, *outputs), cfg1
+    return make_config(tmp, *outputs, engine=engine), cfg1
 
 
 def stored(location: str, model_id: str) -> pd.DataFrame:
-    return DeltaTable(f"{location}/{LISTING_TABLE.name}").to_pandas(filters=[("model_id", "=", model_id)])
+    frame = read_delta(f"{location}/{LISTING_TABLE.name}").to_pandas()
+    return frame[frame["model_id"] == model_id].reset_index(drop=True)
 
 
 def brute_force(ids: list[str], matrix: np.ndarray, query: np.ndarray, k: int, exclude: str | None = None):
@@ -194,16 +196,16 @@ def expected_neighbours(frame: pd.DataFrame, column: str, k: int) -> dict[str, l
 
 
 @pytest.fixture(scope="module")
-def catalogue(spark, tmp_path_factory):
+def catalogue(spark, engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("neighbours")
     frame = synthetic_listings("synthetic/seed-7")
-    write_listings(tmp / "tables", frame, "append")
-    cfg = make_config(tmp, "neighbours.block_size=1024", "neighbours.k=10", f"serving.index_path={tmp}/serving")
+    write_listings(tmp / "tables", frame, "append")  # by delta-rs: the Spark engine reads it across engines
+    cfg = make_config(tmp, "neighbours.block_size=1024", "neighbours.k=10", f"serving.index_path={tmp}/serving", engine=engine)
     return cfg, frame
 
 
 def neighbour_rows(cfg, version: int | None = None) -> pd.DataFrame:
-    return DeltaTable(f"{cfg.output.location}/{NEIGHBOURS_TABLE.name}", version=version).to_pandas()
+    return read_delta(f"{cfg.output.location}/{NEIGHBOURS_TABLE.name}", version).to_pandas()
 
 
 def test_block_pairs_are_an_equi_join_of_blocks_not_a_cross_join_of_listings(spark, catalogue):
@@ -292,13 +294,13 @@ def test_exact_search_equals_numpy_on_five_thousand_listings(catalogue):
         np.testing.assert_allclose(gs, want_scores, atol=1e-5)
 
 
-def test_equal_scores_rank_by_listing_id_in_exact_search_and_in_spark(spark, tmp_path, monkeypatch):
+def test_equal_scores_rank_by_listing_id_in_exact_search_and_in_spark(spark, engine, tmp_path, monkeypatch):
     """Relisted items have identical vectors: ties must not depend on blocks, partitions or argpartition."""
     base = synthetic_listings("synthetic/dupes", n_active=200, seed=3)
     copies = base.iloc[:120].assign(listing_id=[f"D{i:06d}" for i in range(120)])
     frame = pd.concat([base, copies], ignore_index=True)
     write_listings(tmp_path / "tables", frame, "append")
-    cfg = make_config(tmp_path, "neighbours.block_size=64", "neighbours.k=6")
+    cfg = make_config(tmp_path, "neighbours.block_size=64", "neighbours.k=6", engine=engine)
     neighbours.build(spark, cfg)
     got = {lid: g.sort_values("rank")["neighbour_id"].tolist() for lid, g in neighbour_rows(cfg).groupby("listing_id")}
     ids, matrix = active_matrix(frame, "multimodal_embedding")
@@ -329,7 +331,7 @@ def test_the_serving_export_writes_the_index_and_the_vector_search_source(spark,
     assert index.manifest["model_id"] == SEED0 and list(index.ids) == ids
     table = DeltaTable(f"{cfg.output.location}/{SEARCH_VECTORS_TABLE.name}")
     assert table.metadata().configuration["delta.enableChangeDataFeed"] == "true"
-    rows = table.to_pandas().sort_values("listing_id")
+    rows = read_delta(table.table_uri).to_pandas().sort_values("listing_id")
     assert rows["listing_id"].tolist() == ids and rows["listing_id"].is_unique and set(rows["model_id"]) == {SEED0}
     np.testing.assert_array_equal(np.stack(rows["embedding"]), matrix)
     version = table.version()
@@ -406,7 +408,7 @@ def test_the_evaluation_scores_the_candidate_and_the_current_model_and_logs_them
 
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "headless Chromium is needed for the report test: apt-get install chromium (.ci/run does)"
+    assert found, "headless Chromium is needed for the report test: apt-get install chromium (make test does)"
     return found
 
 

@@ -21,7 +21,7 @@ from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE
 from hostile_corpus import MAX_BYTES, MAX_IMAGE_PIXELS, read_jsonl, write_corpus, write_jsonl
 
-from conftest import ROOT, TINY_MODEL, job_overrides, make_config
+from conftest import ROOT, TINY_MODEL, job_overrides, make_config, read_delta
 
 MAX_CHARS = 2000  # text.max_chars in conf/local.yaml
 LENIENT, STRICT = 0.3, 0.05
@@ -34,9 +34,9 @@ def load_job():
     return module
 
 
-def job_args(corpus, out, max_error_rate: float, *flags: str) -> list[str]:
+def job_args(corpus, out, engine: str, max_error_rate: float, *flags: str) -> list[str]:
     overrides = [
-        *job_overrides(out, corpus.listings_path, corpus.images_path),
+        *job_overrides(out, corpus.listings_path, corpus.images_path, engine),
         f"encode.max_image_pixels={MAX_IMAGE_PIXELS}",
         "encode.image_batch_size=16",
         f"images.fetch.max_bytes={MAX_BYTES}",
@@ -49,7 +49,7 @@ def job_args(corpus, out, max_error_rate: float, *flags: str) -> list[str]:
 
 
 def table(out, spec) -> pd.DataFrame:
-    return DeltaTable(str(out / "tables" / spec.name)).to_pyarrow_table().to_pandas()
+    return read_delta(out / "tables" / spec.name).to_pandas()
 
 
 def versions(out) -> dict[str, int]:
@@ -57,14 +57,15 @@ def versions(out) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def corpus_run(spark, photo_server, tmp_path_factory):
-    """The corpus embedded once by the job, with a gate it passes; (corpus, output folder, exit code, stdout)."""
-    tmp = tmp_path_factory.mktemp("hostile")
+def corpus_run(spark, engine, photo_server, tmp_path_factory):
+    """The corpus embedded once per engine by the job, with a gate it passes; (corpus, output folder,
+    engine, exit code, stdout)."""
+    tmp = tmp_path_factory.mktemp(f"hostile_{engine}")
     corpus = write_corpus(tmp / "src", photo_server)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = load_job().main(job_args(corpus, tmp / "out", LENIENT))
-    return corpus, tmp / "out", code, stdout.getvalue()
+        code = load_job().main(job_args(corpus, tmp / "out", engine, LENIENT))
+    return corpus, tmp / "out", engine, code, stdout.getvalue()
 
 
 def test_the_corpus_is_big_and_hostile_enough(corpus_run):
@@ -78,13 +79,13 @@ def test_the_corpus_is_big_and_hostile_enough(corpus_run):
 
 
 def test_the_run_succeeds_and_reports_what_the_sources_dropped(corpus_run):
-    corpus, _, code, stdout = corpus_run
+    corpus, _, _, code, stdout = corpus_run
     assert code == 0, stdout
     assert sources.describe_counts(corpus.counts) in stdout
 
 
 def test_every_photo_row_is_present_good_ones_embedded_bad_ones_explained(corpus_run):
-    corpus, out, _, _ = corpus_run
+    corpus, out, _, _, _ = corpus_run
     images = table(out, IMAGE_TABLE).set_index("image_id")
     assert sorted(images.index) == sorted(corpus.good_photo_ids + list(corpus.photos))
     for image_id in corpus.good_photo_ids:
@@ -108,7 +109,7 @@ def test_every_photo_row_is_present_good_ones_embedded_bad_ones_explained(corpus
 def test_decoded_hostile_photos_embed_as_the_photo_they_show(corpus_run):
     """16-bit, 1-bit, transparent, animated, EXIF-rotated, mislabelled and remote photos: the stored
     vector is open_clip's for the upright RGB image the case defines (built without depop_embed)."""
-    corpus, out, _, _ = corpus_run
+    corpus, out, _, _, _ = corpus_run
     open_clip.add_model_config(TINY_MODEL)
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("depop-tiny-clip")
@@ -127,7 +128,7 @@ def test_decoded_hostile_photos_embed_as_the_photo_they_show(corpus_run):
 
 
 def test_every_listing_has_a_text_row_hostile_text_normalised_or_explained(corpus_run):
-    corpus, out, _, _ = corpus_run
+    corpus, out, _, _, _ = corpus_run
     texts = table(out, TEXT_TABLE).set_index("listing_id")
     photo_listings = {image_id.rsplit("-", 1)[0] for image_id in corpus.photos}
     assert sorted(texts.index) == sorted(corpus.good_listing_ids + list(corpus.texts) + list(photo_listings))
@@ -146,7 +147,7 @@ def test_every_listing_has_a_text_row_hostile_text_normalised_or_explained(corpu
 
 
 def test_listings_with_only_bad_photos_fall_back_to_their_text(corpus_run):
-    corpus, out, _, _ = corpus_run
+    corpus, out, _, _, _ = corpus_run
     fused = table(out, LISTING_TABLE).set_index("listing_id")
     texts = table(out, TEXT_TABLE).set_index("listing_id")
     for image_id, case in corpus.photos.items():
@@ -160,10 +161,10 @@ def test_listings_with_only_bad_photos_fall_back_to_their_text(corpus_run):
 
 
 def test_a_strict_gate_fails_the_run_with_rate_reasons_and_examples_and_changes_no_table(corpus_run, caplog):
-    corpus, out, _, _ = corpus_run
+    corpus, out, engine, _, _ = corpus_run
     before = versions(out)
     with caplog.at_level(logging.ERROR):  # a full refresh: the gate judges the rows a run encodes
-        code = load_job().main(job_args(corpus, out, STRICT, "--full-refresh"))
+        code = load_job().main(job_args(corpus, out, engine, STRICT, "--full-refresh"))
     assert code == 1
     message = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     n_photos = len(corpus.good_photo_ids) + len(corpus.photos)
@@ -178,7 +179,7 @@ def test_a_strict_gate_fails_the_run_with_rate_reasons_and_examples_and_changes_
     assert versions(out) == before
 
 
-def test_a_photo_that_times_out_on_a_rerun_keeps_its_good_vector(spark, photo_server, tmp_path):
+def test_a_photo_that_times_out_on_a_rerun_keeps_its_good_vector(spark, engine, photo_server, tmp_path):
     catalogue = write_catalogue(tmp_path / "src", n_listings=3, seed=4, max_photos=1, photo_size=(64, 80))
     rows = read_jsonl(catalogue.images_path)
     remote = rows[0]
@@ -188,7 +189,7 @@ def test_a_photo_that_times_out_on_a_rerun_keeps_its_good_vector(spark, photo_se
     # The rerun encodes this one photo: its timeout is 100% of the rows the gate judges.
     cfg = make_config(
         tmp_path, "images.fetch.timeout_s=0.3", "images.fetch.retries=1", "images.fetch.backoff_s=0.01",
-        "thresholds.max_error_rate=1", listings=catalogue.listings_path, images=catalogue.images_path,
+        "thresholds.max_error_rate=1", listings=catalogue.listings_path, images=catalogue.images_path, engine=engine,
     )
     pipeline.run(spark, cfg)
     key = (remote["listing_id"], remote["image_id"])

@@ -1,5 +1,5 @@
 """Incremental runs: only what changed is encoded and written; kills, concurrent runs and a second model
-leave the tables whole. Real Spark, real Delta tables (delta-rs), the job run as a process where a
+leave the tables whole. Real Spark, real Delta tables on both engines, the job run as a process where a
 process is what the case is about."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from deltalake import DeltaTable
 from depop_embed import pipeline
 from depop_embed.reader import read_table
 from depop_embed.sample_catalogue import write_catalogue
-from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE
+from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE, open_writer
 
-from conftest import ROOT, SAMPLE, TRACKING, make_config
+from conftest import ROOT, SAMPLE, TRACKING, make_config, read_delta
 
 MODEL = "depop-tiny-clip/seed-0"
 TIMESTAMPS = ("embedded_at", "updated_at", "inputs_hash")  # differ between two runs of the same work
@@ -43,7 +43,7 @@ def versions(cfg) -> dict[str, int]:
 
 
 def frame(cfg, spec, version=None) -> pd.DataFrame:
-    df = DeltaTable(f"{cfg.output.location}/{spec.name}", version=version).to_pyarrow_table().to_pandas()
+    df = read_delta(f"{cfg.output.location}/{spec.name}", version).to_pandas()
     return df.set_index(list(spec.key)).sort_index()
 
 
@@ -103,13 +103,13 @@ def sample_copy(tmp: Path) -> Path:
     return src
 
 
-def config_for(tmp: Path, src: Path, *overrides: str):
-    return make_config(tmp, *overrides, listings=src / "listings.jsonl", images=src / "listing_images.jsonl")
+def config_for(tmp: Path, src: Path, engine: str, *overrides: str):
+    return make_config(tmp, *overrides, listings=src / "listings.jsonl", images=src / "listing_images.jsonl", engine=engine)
 
 
-def test_a_rerun_encodes_and_writes_exactly_what_changed(spark, tmp_path):
+def test_a_rerun_encodes_and_writes_exactly_what_changed(spark, engine, tmp_path):
     src = sample_copy(tmp_path)
-    cfg = config_for(tmp_path, src)
+    cfg = config_for(tmp_path, src, engine)
     first = pipeline.run(spark, cfg)
     assert (first.stats["texts"], first.stats["images"]) == (200, 497)
     before = versions(cfg)
@@ -172,9 +172,9 @@ def test_a_rerun_encodes_and_writes_exactly_what_changed(spark, tmp_path):
     assert all(not t.changes for t in third.tables.values())
 
 
-def test_a_listing_gone_from_the_source_is_deactivated_then_purged_after_the_retention(spark, tmp_path):
+def test_a_listing_gone_from_the_source_is_deactivated_then_purged_after_the_retention(spark, engine, tmp_path):
     catalogue = write_catalogue(tmp_path / "src", n_listings=6, seed=11)
-    cfg = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path)
+    cfg = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path, engine=engine)
     pipeline.run(spark, cfg)
     listings = read_jsonl(catalogue.listings_path)
     gone = listings.pop(0)["listing_id"]
@@ -185,7 +185,7 @@ def test_a_listing_gone_from_the_source_is_deactivated_then_purged_after_the_ret
     assert not fused.loc[(gone, MODEL), "is_active"] and fused["is_active"].sum() == sum(r["status"] == "active" for r in listings)
     assert gone in frame(cfg, IMAGE_TABLE).index.get_level_values(0), "photos stay until the retention ends"
 
-    pipeline.run(spark, make_config(tmp_path, "incremental.retention_days=0", listings=catalogue.listings_path, images=catalogue.images_path))
+    pipeline.run(spark, make_config(tmp_path, "incremental.retention_days=0", listings=catalogue.listings_path, images=catalogue.images_path, engine=engine))
     for spec in TABLES:
         assert gone not in frame(cfg, spec).index.get_level_values(0), spec.name
     assert len(frame(cfg, LISTING_TABLE)) == 5
@@ -205,8 +205,9 @@ def run_job(cfg_args: list[str], **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def job_args(tmp: Path, src: Path, *overrides: str) -> list[str]:
+def job_args(tmp: Path, src: Path, engine: str, *overrides: str) -> list[str]:
     sets = [
+        f"output.engine={engine}",
         f"listings.path={src / 'listings.jsonl'}", f"images.path={src / 'listing_images.jsonl'}",
         f"output.location={tmp / 'tables'}", "model.name=depop-tiny-clip",
         f"model.config_path={ROOT / 'tests' / 'assets' / 'depop-tiny-clip.json'}", "model.seed=0",
@@ -222,22 +223,22 @@ def contents(cfg, spec) -> pd.DataFrame:
     return df
 
 
-def test_a_run_killed_while_committing_leaves_whole_versions_and_the_next_run_finishes_the_work(spark, tmp_path):
+def test_a_run_killed_while_committing_leaves_whole_versions_and_the_next_run_finishes_the_work(spark, engine, tmp_path):
     src = write_catalogue(tmp_path / "src", n_listings=80, seed=17, photo_size=(96, 120)).listings_path.parent
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    killed_cfg, clean_cfg = config_for(killed, src), config_for(clean, src)
+    killed_cfg, clean_cfg = config_for(killed, src, engine), config_for(clean, src, engine)
     pipeline.run(spark, killed_cfg)
     shutil.copytree(killed / "tables", clean / "tables")
     edit_sources(src)
     before = versions(killed_cfg)
 
     # SIGKILL just before the first commit: every table stays at its version, and readable.
-    result = run_job(job_args(killed, src, f"faults.kill_before_commit={IMAGE_TABLE.name}"))
+    result = run_job(job_args(killed, src, engine, f"faults.kill_before_commit={IMAGE_TABLE.name}"))
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert versions(killed_cfg) == before
     assert all(len(frame(killed_cfg, spec)) for spec in TABLES)
     # SIGKILL between two commits: the photo table moved one whole version, the others did not.
-    result = run_job(job_args(killed, src, f"faults.kill_before_commit={TEXT_TABLE.name}"))
+    result = run_job(job_args(killed, src, engine, f"faults.kill_before_commit={TEXT_TABLE.name}"))
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     partial = versions(killed_cfg)
     assert partial == {**before, IMAGE_TABLE.name: before[IMAGE_TABLE.name] + 1}
@@ -249,13 +250,13 @@ def test_a_run_killed_while_committing_leaves_whole_versions_and_the_next_run_fi
         pd.testing.assert_frame_equal(contents(killed_cfg, spec), contents(clean_cfg, spec), check_exact=False, atol=1e-5)
 
 
-def test_two_runs_at_once_never_duplicate_rows(tmp_path):
+def test_two_runs_at_once_never_duplicate_rows(engine, tmp_path):
     catalogue = write_catalogue(tmp_path / "src", n_listings=30, seed=21)
     src = catalogue.listings_path.parent
     jobs = [
         subprocess.Popen(
             [sys.executable, str(ROOT / "jobs" / "embed_listings.py"), "--config", str(ROOT / "conf" / "local.yaml"),
-             *job_args(tmp_path, src)],
+             *job_args(tmp_path, src, engine)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         for _ in range(2)
@@ -265,7 +266,7 @@ def test_two_runs_at_once_never_duplicate_rows(tmp_path):
     assert codes[0] == 0, outputs[0][1][-3000:]
     for code, output in outputs:
         assert code == 0 or (code == 1 and "another run is writing model" in output), output[-3000:]
-    cfg = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path)
+    cfg = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path, engine=engine)
     for spec in TABLES:
         rows = frame(cfg, spec)
         assert rows.index.is_unique, spec.name
@@ -273,10 +274,10 @@ def test_two_runs_at_once_never_duplicate_rows(tmp_path):
     assert len(frame(cfg, IMAGE_TABLE)) == catalogue.n_photos
 
 
-def test_two_models_side_by_side_and_current_names_one(spark, tmp_path):
+def test_two_models_side_by_side_and_current_names_one(spark, engine, tmp_path):
     catalogue = write_catalogue(tmp_path / "src", n_listings=8, seed=13)
-    first = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path)
-    second = make_config(tmp_path, "model.seed=1", listings=catalogue.listings_path, images=catalogue.images_path)
+    first = make_config(tmp_path, listings=catalogue.listings_path, images=catalogue.images_path, engine=engine)
+    second = make_config(tmp_path, "model.seed=1", listings=catalogue.listings_path, images=catalogue.images_path, engine=engine)
     pipeline.run(spark, first)
     reads_before = read_table(str(tmp_path / "tables"), LISTING_TABLE.name)
     backfill = pipeline.run(spark, second)
@@ -290,8 +291,9 @@ def test_two_models_side_by_side_and_current_names_one(spark, tmp_path):
 
     set_current_model = load_job("set_current_model")  # the one command
     assert set_current_model.main(["--config", str(ROOT / "conf" / "local.yaml"), f"--set=output.location={tmp_path / 'tables'}",
-                                   "--set=spark.master=local[2]", "--model-id", "depop-tiny-clip/seed-1"]) == 0
+                                   f"--set=output.engine={engine}", "--set=spark.master=local[2]", "--model-id", "depop-tiny-clip/seed-1"]) == 0
     switched = read_table(str(tmp_path / "tables"), LISTING_TABLE.name)
     assert set(switched.column("model_id").to_pylist()) == {"depop-tiny-clip/seed-1"} and switched.num_rows == 8
+    assert open_writer(spark, first).model_history() == ["depop-tiny-clip/seed-1", MODEL]
     with pytest.raises(pipeline.RunFailed, match="has no rows"):
         pipeline.set_current_model(spark, first, "depop-tiny-clip/seed-9", "test")

@@ -1,4 +1,4 @@
-"""The job's entry point as MLOps runs it: a real process, `python jobs/...` and `spark-submit jobs/...`."""
+"""The job's entry point as MLOps runs it: a real process, `python jobs/...` and `spark-submit jobs/...`, on both engines."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from deltalake import DeltaTable
 
 from depop_embed.sample_catalogue import write_catalogue
+from depop_embed.session import DEFAULT_IVY, delta_package
 from depop_embed.tables import TABLES
 
 from conftest import ROOT, TINY_MODEL, TRACKING
@@ -35,11 +36,17 @@ def test_bad_overrides_fail_at_once_naming_the_key():
     assert result.returncode == 2 and "encode.image_batch_size: expected int" in result.stderr
 
 
-def test_spark_submit_runs_the_job_end_to_end(tmp_path: Path):
+def test_spark_submit_runs_the_job_end_to_end(engine, tmp_path: Path):
     catalogue = write_catalogue(tmp_path / "src", n_listings=6, seed=11)
-    spark_submit = str(Path(sys.executable).parent / "spark-submit")
+    spark_submit = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]"]
+    if engine == "spark":  # `--packages` alone, `engine: auto`: the job writes with the connector it was given
+        spark_submit += ["--packages", delta_package(), "--conf", f"spark.jars.ivy={DEFAULT_IVY}"]
+        choice = []
+    else:
+        choice = ["--set", "output.engine=delta-rs"]
     result = run_job(
-        [spark_submit, "--master", "local[1]"],
+        spark_submit,
+        *choice,
         "--set", f"listings.path={catalogue.listings_path}",
         "--set", f"images.path={catalogue.images_path}",
         "--set", f"output.location={tmp_path / 'tables'}",
@@ -51,6 +58,7 @@ def test_spark_submit_runs_the_job_end_to_end(tmp_path: Path):
     # spark-submit's master wins over conf's local[*]; spark-submit sends the driver's logs to stdout.
     assert "Spark master local[1]" in result.stdout + result.stderr
     summary = result.stdout
+    assert f"{engine} engine" in summary
     assert f"listing_image_embeddings: upsert {catalogue.n_photos} (0 errors)" in summary
     assert f"listing_text_embeddings: upsert {catalogue.n_listings} (0 errors)" in summary
     assert "encoded" in summary and "/s)" in summary

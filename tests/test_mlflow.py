@@ -21,9 +21,8 @@ from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE
 from depop_embed.tracking import FAILURE_TAG
 
-from conftest import ROOT, TINY_MODEL, job_overrides, make_config
+from conftest import ROOT, TINY_MODEL, job_overrides, make_config, read_delta
 
-NAME = "depop-tiny"
 LOCAL = str(ROOT / "conf" / "local.yaml")
 
 
@@ -38,8 +37,13 @@ def sets(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
-def register_tiny(tmp_path, seed: int) -> None:
-    argv = ["--config", LOCAL, *sets(job_overrides(tmp_path)), "--set", f"model.seed={seed}", "--name", NAME, "--alias", "champion"]
+def model_name(cfg: config.Config) -> str:
+    """The registered model of the engine's run: one per engine, so each numbers its versions from 1."""
+    return f"depop-tiny-{cfg.output.engine}"
+
+
+def register_tiny(tmp_path, seed: int, name: str) -> None:
+    argv = ["--config", LOCAL, *sets(job_overrides(tmp_path)), "--set", f"model.seed={seed}", "--name", name, "--alias", "champion"]
     assert job_main("register_model")(argv) == 0
 
 
@@ -50,7 +54,7 @@ def with_model(cfg: config.Config, registered: str, full_refresh: bool = False) 
 
 
 def table(cfg, spec) -> pd.DataFrame:
-    return DeltaTable(f"{cfg.output.location}/{spec.name}").to_pyarrow_table().to_pandas()
+    return read_delta(f"{cfg.output.location}/{spec.name}").to_pandas()
 
 
 def versions(cfg) -> dict[str, int]:
@@ -75,25 +79,28 @@ def catalogue(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def version_run(spark, catalogue, tmp_path_factory):
+def version_run(spark, engine, catalogue, tmp_path_factory):
     """The tiny model with seed 0 registered through its job (version 1, alias `champion`), then the
-    embedding job run with models:/NAME/1 over the catalogue."""
-    out = tmp_path_factory.mktemp("registered_run")
-    register_tiny(out, seed=0)
+    embedding job run with models:/NAME/1 over the catalogue, on each engine."""
+    out = tmp_path_factory.mktemp(f"registered_run_{engine}")
+    name = f"depop-tiny-{engine}"
+    register_tiny(out, 0, name)
     cfg = make_config(
-        out, "model.seed=null", f"model.registered=models:/{NAME}/1",
-        listings=catalogue.listings_path, images=catalogue.images_path,
+        out, "model.seed=null", f"model.registered=models:/{name}/1",
+        listings=catalogue.listings_path, images=catalogue.images_path, engine=engine,
     )
+    assert model_name(cfg) == name
     return cfg, pipeline.run(spark, cfg)
 
 
 def test_the_job_runs_a_registered_version_and_names_it_in_model_id(version_run, catalogue):
     cfg, summary = version_run
-    assert summary.model_id == f"registered/{NAME}/1"
+    name = model_name(cfg)
+    assert summary.model_id == f"registered/{name}/1"
     images, texts, fused = (table(cfg, spec) for spec in (IMAGE_TABLE, TEXT_TABLE, LISTING_TABLE))
     assert len(images) == catalogue.n_photos and len(texts) == len(fused) == catalogue.n_listings
     for df in (images, texts, fused):
-        assert set(df["model_id"]) == {f"registered/{NAME}/1"}
+        assert set(df["model_id"]) == {f"registered/{name}/1"}
     assert (images["status"] == "ok").all() and (texts["status"] == "ok").all()
     # The registered weights are the seeded ones: the vectors are open_clip's own for seed 0.
     open_clip.add_model_config(TINY_MODEL)
@@ -110,10 +117,11 @@ def test_the_job_runs_a_registered_version_and_names_it_in_model_id(version_run,
 
 def test_the_run_is_tracked_with_params_metrics_and_artifacts(version_run, catalogue, tmp_path):
     cfg, summary = version_run
+    name = model_name(cfg)
     run = mlflow_run(summary.run_id)
     assert run.info.status == "FINISHED"
     params, metrics = run.data.params, run.data.metrics
-    assert params["model_id"] == f"registered/{NAME}/1" and params["model.registered"] == f"models:/{NAME}/1"
+    assert params["model_id"] == f"registered/{name}/1" and params["model.registered"] == f"models:/{name}/1"
     assert params["thresholds.max_error_rate"] == "0.05" and params["text.template"].startswith('["{title}"')
     assert params["source.listings"].startswith(f"json:{catalogue.listings_path} read at ")
     assert metrics["read/listings"] == metrics["selected/texts"] == catalogue.n_listings
@@ -140,26 +148,27 @@ def test_the_run_is_tracked_with_params_metrics_and_artifacts(version_run, catal
 
 def test_an_alias_is_pinned_to_its_version_and_unchanged_rows_show_no_drift(spark, version_run, tmp_path):
     cfg, first = version_run
+    name = model_name(cfg)
     # A full refresh re-encodes every unchanged photo and text with the version the alias names.
-    by_alias = pipeline.run(spark, with_model(cfg, f"models:/{NAME}@champion", full_refresh=True))
-    assert by_alias.model_id == f"registered/{NAME}/1"
+    by_alias = pipeline.run(spark, with_model(cfg, f"models:/{name}@champion", full_refresh=True))
+    assert by_alias.model_id == f"registered/{name}/1"
     run = mlflow_run(by_alias.run_id)
-    assert run.data.params["model.registered"] == f"models:/{NAME}@champion"
-    assert run.data.params["model_id"] == f"registered/{NAME}/1"
+    assert run.data.params["model.registered"] == f"models:/{name}@champion"
+    assert run.data.params["model_id"] == f"registered/{name}/1"
     # Same content, same weights: the same vectors.
     for name in (IMAGE_TABLE.name, TEXT_TABLE.name):
         assert run.data.metrics[f"{name}/rows_unchanged"] == first.tables[name].rows
         assert run.data.metrics[f"{name}/drift_mean_cosine"] == pytest.approx(1.0, abs=1e-6)
 
     # The alias moves to a new version: the next run writes that version's rows beside the first's.
-    register_tiny(tmp_path, seed=1)
-    moved = pipeline.run(spark, with_model(cfg, f"models:/{NAME}@champion"))
-    assert moved.model_id == f"registered/{NAME}/2"
+    register_tiny(tmp_path, 1, name)
+    moved = pipeline.run(spark, with_model(cfg, f"models:/{name}@champion"))
+    assert moved.model_id == f"registered/{name}/2"
     fused = table(cfg, LISTING_TABLE)
     n = first.tables[LISTING_TABLE.name].rows
-    assert fused.groupby("model_id").size().to_dict() == {f"registered/{NAME}/1": n, f"registered/{NAME}/2": n}
+    assert fused.groupby("model_id").size().to_dict() == {f"registered/{name}/1": n, f"registered/{name}/2": n}
     one, two = (
-        np.stack(fused[fused["model_id"] == f"registered/{NAME}/{v}"].sort_values("listing_id")["text_embedding"]) for v in (1, 2)
+        np.stack(fused[fused["model_id"] == f"registered/{name}/{v}"].sort_values("listing_id")["text_embedding"]) for v in (1, 2)
     )
     assert not np.allclose(one, two)  # other weights, other vectors
     assert mlflow_run(moved.run_id).data.metrics[f"{TEXT_TABLE.name}/rows_unchanged"] == 0  # nothing stored for version 2
@@ -167,10 +176,11 @@ def test_an_alias_is_pinned_to_its_version_and_unchanged_rows_show_no_drift(spar
 
 def test_the_pyfunc_vectors_equal_the_jobs(version_run):
     cfg, _ = version_run
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    name = model_name(cfg)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/1")
     assert model.metadata.get_input_schema().input_names() == ["image", "text"]
-    images = table(cfg, IMAGE_TABLE).query(f"model_id == 'registered/{NAME}/1'").reset_index(drop=True)
-    texts = table(cfg, TEXT_TABLE).query(f"model_id == 'registered/{NAME}/1'").reset_index(drop=True)
+    images = table(cfg, IMAGE_TABLE).query(f"model_id == 'registered/{name}/1'").reset_index(drop=True)
+    texts = table(cfg, TEXT_TABLE).query(f"model_id == 'registered/{name}/1'").reset_index(drop=True)
     photo_bytes = [open(uri, "rb").read() for uri in images["image_uri"]]
 
     out = model.predict(pd.DataFrame({"image": photo_bytes}))
@@ -192,6 +202,7 @@ def test_the_pyfunc_vectors_equal_the_jobs(version_run):
 
 def test_a_breached_gate_exits_non_zero_commits_nothing_and_fails_the_mlflow_run(version_run, catalogue, tmp_path):
     cfg, _ = version_run
+    name = model_name(cfg)
     # The catalogue again, but the first photo's file is not an image: one error row among the photos.
     rows = [json.loads(line) for line in catalogue.images_path.read_text().splitlines()]
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -199,8 +210,8 @@ def test_a_breached_gate_exits_non_zero_commits_nothing_and_fails_the_mlflow_run
     photos = tmp_path / "listing_images.jsonl"
     photos.write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = versions(cfg)
-    overrides = job_overrides(tmp_path, catalogue.listings_path, photos) + [
-        f"output.location={cfg.output.location}", "model.seed=null", f"model.registered=models:/{NAME}/1",
+    overrides = job_overrides(tmp_path, catalogue.listings_path, photos, cfg.output.engine) + [
+        f"output.location={cfg.output.location}", "model.seed=null", f"model.registered=models:/{name}/1",
         "thresholds.max_error_rate=0.0",
     ]
     assert job_main("embed_listings")(["--config", LOCAL, *sets(overrides)]) == 1

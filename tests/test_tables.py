@@ -1,13 +1,16 @@
 """The table contract is declared once and rendered for both Delta engines; they must agree."""
 
+from dataclasses import replace
+
 import pyarrow as pa
 import pytest
+from deltalake import DeltaTable
 
 from depop_embed.config import OUTPUT_TABLES, load
 from depop_embed.session import resolve_engine
-from depop_embed.tables import ALL_TABLES, CURRENT_MODEL_TABLE, TABLES, DeltaRsWriter
+from depop_embed.tables import ALL_TABLES, CURRENT_MODEL_TABLE, TABLES, open_writer
 
-from conftest import ROOT
+from conftest import ROOT, read_delta
 
 
 @pytest.mark.parametrize("spec", ALL_TABLES, ids=lambda s: s.name)
@@ -49,20 +52,33 @@ def test_vectors_are_float32_lists_and_times_are_utc():
                 assert t == pa.timestamp("us", tz="UTC")
 
 
-def test_delta_rs_creates_empty_tables_with_cdf(tmp_path):
-    writer = DeltaRsWriter(str(tmp_path))
-    for spec in ALL_TABLES:
-        assert writer.version(spec) is None
-        table = writer.ensure(spec)
-        assert table.version() == 0 and writer.version(spec) == 0
-        assert table.metadata().configuration["delta.enableChangeDataFeed"] == "true"
-        assert table.to_pyarrow_table().num_rows == 0
+@pytest.mark.parametrize("spec", ALL_TABLES, ids=lambda s: s.name)
+def test_each_engine_creates_empty_tables_with_cdf_and_the_contract_schema(spark, engine, tmp_path, spec):
+    writer = open_writer(spark, load(ROOT / "conf" / "local.yaml", [f"output.location={tmp_path}", f"output.engine={engine}"]))
+    assert writer.engine == engine
+    assert writer.version(spec) is None
+    writer.ensure(spec)
+    assert writer.version(spec) == 0
+    table = DeltaTable(writer.location(spec))
+    assert table.metadata().configuration["delta.enableChangeDataFeed"] == "true"
+    assert table.metadata().description == spec.comment
+    assert pa.schema(table.schema().to_arrow()).names == spec.column_names
+    assert read_delta(writer.location(spec)).num_rows == 0
+    assert writer.read(spec, 0).count() == 0 and writer.read(spec, 0).columns == spec.column_names
 
 
-def test_engine_resolution_without_the_spark_connector(spark):
+def test_a_table_made_before_the_contract_gained_a_column_gets_it(spark, engine, tmp_path):
+    writer = open_writer(spark, load(ROOT / "conf" / "local.yaml", [f"output.location={tmp_path}", f"output.engine={engine}"]))
+    older = replace(CURRENT_MODEL_TABLE, columns=CURRENT_MODEL_TABLE.columns[:-1])
+    writer.ensure(older)
+    writer.set_current_model("model-a", "test")
+    assert writer.model_history() == ["model-a"]
+    names = pa.schema(DeltaTable(writer.location(CURRENT_MODEL_TABLE)).schema().to_arrow()).names
+    assert names == CURRENT_MODEL_TABLE.column_names
+
+
+def test_engine_resolution_follows_what_the_session_loads(spark):
     local = ROOT / "conf" / "local.yaml"
-    assert resolve_engine(spark, load(local)) == "delta-rs"
-    with pytest.raises(RuntimeError, match="output.engine: spark was asked for"):
-        resolve_engine(spark, load(local, ["output.engine=spark"]))
-    with pytest.raises(RuntimeError, match="Unity Catalog"):
-        resolve_engine(spark, load(local, ["output.location=main.features", "output.staging_path=/tmp/x"]))
+    assert resolve_engine(spark, load(local)) == "spark"  # this session has Delta's connector
+    assert resolve_engine(spark, load(local, ["output.engine=delta-rs"])) == "delta-rs"
+    assert resolve_engine(spark, load(local, ["output.location=main.features", "output.staging_path=/tmp/x"])) == "spark"
