@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
@@ -571,14 +572,20 @@ class SparkDeltaWriter:
         # Liquid clustering in Unity Catalog; a folder's tables stay writable by delta-rs, which cannot
         # write clustered tables.
         clustering = f"CLUSTER BY ({spec.key[0]}) " if self.is_catalog else ""
-        try:
-            self.spark.sql(
-                f"CREATE TABLE IF NOT EXISTS {self.ident(spec)} ({spec.spark_ddl()}) USING DELTA "
-                f"{clustering}COMMENT {_sql_str(spec.comment)} TBLPROPERTIES ('{CDF_PROPERTY}' = 'true')"
-            )
-        except Exception:  # two first runs at once: the other one created it between our check and our commit
-            if not self.exists(spec):
-                raise
+        for attempt in range(1, 11):
+            try:
+                self.spark.sql(
+                    f"CREATE TABLE IF NOT EXISTS {self.ident(spec)} ({spec.spark_ddl()}) USING DELTA "
+                    f"{clustering}COMMENT {_sql_str(spec.comment)} TBLPROPERTIES ('{CDF_PROPERTY}' = 'true')"
+                )
+                break
+            except Exception as exc:  # two first runs at once: the other one is creating it too
+                if self.exists(spec):
+                    break
+                # The other run's log folder is there but its first commit is not yet: wait for it.
+                if "DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION" not in str(exc) or attempt == 10:
+                    raise
+                time.sleep(0.2 * attempt)
         present = set(self.spark.table(self.ident(spec)).columns)
         missing = [c for c in spec.columns if c.name not in present]
         if missing:  # the contract gained a column since the table was created

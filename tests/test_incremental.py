@@ -224,7 +224,7 @@ def contents(cfg, spec) -> pd.DataFrame:
 
 
 def test_a_run_killed_while_committing_leaves_whole_versions_and_the_next_run_finishes_the_work(spark, engine, tmp_path):
-    src = write_catalogue(tmp_path / "src", n_listings=80, seed=17, photo_size=(96, 120)).listings_path.parent
+    src = write_catalogue(tmp_path / "src", n_listings=64, seed=17, photo_size=(96, 120)).listings_path.parent
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed_cfg, clean_cfg = config_for(killed, src, engine), config_for(clean, src, engine)
     pipeline.run(spark, killed_cfg)

@@ -156,9 +156,9 @@ def test_an_alias_is_pinned_to_its_version_and_unchanged_rows_show_no_drift(spar
     assert run.data.params["model.registered"] == f"models:/{name}@champion"
     assert run.data.params["model_id"] == f"registered/{name}/1"
     # Same content, same weights: the same vectors.
-    for name in (IMAGE_TABLE.name, TEXT_TABLE.name):
-        assert run.data.metrics[f"{name}/rows_unchanged"] == first.tables[name].rows
-        assert run.data.metrics[f"{name}/drift_mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    for table_name in (IMAGE_TABLE.name, TEXT_TABLE.name):
+        assert run.data.metrics[f"{table_name}/rows_unchanged"] == first.tables[table_name].rows
+        assert run.data.metrics[f"{table_name}/drift_mean_cosine"] == pytest.approx(1.0, abs=1e-6)
 
     # The alias moves to a new version: the next run writes that version's rows beside the first's.
     register_tiny(tmp_path, 1, name)
