@@ -363,6 +363,7 @@ def _encode_settings(spark: SparkSession, cfg: Config, model: ModelConfig, packa
         decode_threads=cfg.encode.decode_threads,
         max_image_pixels=cfg.encode.max_image_pixels,
         fetch=cfg.images.fetch,
+        uri_rules=sources.photo_rules(cfg.images),
         jpeg_draft=cfg.encode.jpeg_draft,
     )
 
