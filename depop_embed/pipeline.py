@@ -88,6 +88,8 @@ class RunSummary:
             lines.append(
                 f"  encoded {rows} {kind} in {self.stats.get(batches, 0)} batches, {secs:.1f}s ({rate:.1f}/s)"
             )
+        if self.stats.get("images_refused"):
+            lines.append(f"  refused {self.stats['images_refused']} photo URIs unopened (forbidden_uri)")
         return "\n".join(lines)
 
 
