@@ -89,9 +89,14 @@ def read_bytes(uri: str, fetch: FetchConfig, rules: UriRules) -> bytes:
     `rules` allow it (else forbidden_uri, before anything is opened or requested)."""
     if not uri:
         raise PhotoError("missing", "the photo row has no uri")
-    target = check_uri(uri, rules)
-    if urlparse(target).scheme in ("http", "https"):
-        return _fetch_with_retries(target, fetch, rules)
+    try:
+        target = check_uri(uri, rules)
+        if urlparse(target).scheme in ("http", "https"):
+            return _fetch_with_retries(target, fetch, rules)
+    except PhotoError as exc:
+        if exc.code == FORBIDDEN:  # the same words for the row's URI, whichever hop or address was refused
+            raise refused(uri) from None
+        raise
     path = local_path(uri)
     try:
         if path is not None:
