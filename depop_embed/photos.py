@@ -198,13 +198,11 @@ def _request(url: str, fetch: FetchConfig, rules: UriRules):
     parts = urlsplit(url)
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
-    _family, sockaddr = resolve(parts.hostname or "", port, rules)
+    address = resolve(parts.hostname or "", port, rules)
     # Host header, TLS SNI and the certificate check use the host name; the socket, the checked address.
     cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
     connection = cls(parts.hostname, port, timeout=fetch.timeout_s)
-    connection._create_connection = lambda _address, timeout, source: socket.create_connection(
-        sockaddr[:2], timeout, source
-    )
+    connection._create_connection = lambda _by_name, timeout, source: socket.create_connection(address, timeout, source)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
         connection.request("GET", target, headers={"User-Agent": f"depop-embed/{__version__}", "Accept": "image/*"})

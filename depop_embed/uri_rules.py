@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
-import posixpath
 import socket
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 FORBIDDEN = "forbidden_uri"
 _REFUSED = "refused by images.allowed_uri_prefixes and the address rules (README: hostile inputs)"
+_WEB = ("http", "https")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
@@ -61,8 +61,10 @@ def entry_error(entry: str) -> str | None:
     if parts.scheme.lower() == "file":
         return None if parts.path.startswith("/") else f"{entry!r}: a file: entry needs an absolute path"
     if len(parts.scheme) > 1:
-        if not parts.netloc or parts.username is not None or parts.password is not None:
-            return f"{entry!r}: a URI prefix needs a host or bucket (scheme://host/...) and no user info"
+        if not parts.netloc:
+            return f"{entry!r}: a URI prefix needs a host or bucket (scheme://host/...)"
+        if parts.scheme.lower() in _WEB and (parts.username is not None or parts.password is not None):
+            return f"{entry!r}: an http(s) prefix takes no user info"
         return None
     if entry.startswith("/"):
         return None
@@ -70,19 +72,34 @@ def entry_error(entry: str) -> str | None:
 
 
 def normalise_uri(uri: str) -> str:
-    """scheme://host[:port]/path?query with scheme and host lower-cased, user info dropped and `.`/`..`
-    segments resolved (also when percent-encoded), so what is matched is what is requested."""
+    """scheme://host[:port]/path?query with scheme and host lower-cased, http(s) user info dropped and
+    `.`/`..` segments resolved (also when percent-encoded), so what is matched is what is requested."""
     parts = urlsplit(uri)
-    host = (parts.hostname or "").rstrip(".")
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    path = parts.path.replace("%2e", ".").replace("%2E", ".")
-    if path:
-        trailing = path.endswith("/")
-        path = posixpath.normpath("/" + path.lstrip("/"))
-        path = path + "/" if trailing and path != "/" else path
-    return urlunsplit((parts.scheme.lower(), netloc, path, parts.query, ""))
+    scheme = parts.scheme.lower()
+    if scheme in _WEB:
+        host = (parts.hostname or "").rstrip(".")
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    else:  # an object store's bucket or container@account (lower-case names, whatever the row says)
+        netloc = parts.netloc.lower()
+    path = _remove_dot_segments(parts.path.replace("%2e", ".").replace("%2E", "."))
+    return urlunsplit((scheme, netloc, path, parts.query, ""))
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986's: `.` and `..` segments go (never above the root); empty segments (`//`) stay, as a
+    server sees them."""
+    segments = path.split("/")
+    out: list[str] = []
+    for i, segment in enumerate(segments):
+        if segment in (".", ".."):
+            if segment == ".." and len(out) > 1:
+                out.pop()
+            if i == len(segments) - 1:
+                out.append("")
+            continue
+        out.append(segment)
+    return "/".join(out)
 
 
 def check_uri(uri: str, rules: UriRules) -> str:
@@ -95,7 +112,7 @@ def check_uri(uri: str, rules: UriRules) -> str:
             if any(_is_under(path, folder) for folder in _real_folders(rules.folders)):
                 return path
             raise refused(uri)
-        if parts.username is not None or parts.password is not None:
+        if scheme in _WEB and (parts.username is not None or parts.password is not None):
             raise refused(uri)
         normal = normalise_uri(uri)
     except ValueError as exc:  # an invalid port, a malformed IPv6 literal
@@ -105,9 +122,9 @@ def check_uri(uri: str, rules: UriRules) -> str:
     raise refused(uri)
 
 
-def resolve(host: str, port: int, rules: UriRules) -> tuple:
-    """The address to connect to: the host resolved once; refused when any address it resolves to is not
-    public (a DNS name that answers with one public and one private address is refused too)."""
+def resolve(host: str, port: int, rules: UriRules) -> tuple[str, int]:
+    """(address, port) to connect to: the host resolved once; refused when any address it resolves to
+    is not public (a DNS name that answers with one public and one private address is refused too)."""
     from depop_embed.photos import PhotoError
 
     try:
@@ -116,8 +133,7 @@ def resolve(host: str, port: int, rules: UriRules) -> tuple:
         raise PhotoError("connection", f"{host}: cannot resolve ({exc})") from exc
     if not rules.allow_private_networks and any(is_forbidden_address(info[4][0]) for info in infos):
         raise refused(host)
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr
+    return infos[0][4][:2]
 
 
 def is_forbidden_address(address: str) -> bool:

@@ -72,22 +72,27 @@ def test_every_spelling_the_resolver_accepts_is_classified_by_what_it_resolves_t
     with pytest.raises(PhotoError) as info:
         resolve(host, 80, build_rules((), allow_private_networks=False))
     assert info.value.code == "forbidden_uri"
-    family, sockaddr = resolve(host, 80, build_rules((), allow_private_networks=True))
-    assert sockaddr[1] == 80
+    address, port = resolve(host, 80, build_rules((), allow_private_networks=True))
+    assert is_forbidden_address(address) and port == 80
 
 
 # -- the allow-list, on normalised URIs ---------------------------------------------------------------
 
-CDN = build_rules(("https://cdn.example.com/photos/", "https://img.example.com", "s3://bucket/photos/"), False)
+CDN = build_rules((
+    "https://cdn.example.com/photos/", "https://img.example.com", "s3://bucket/photos/",
+    "abfss://photos@account.dfs.core.windows.net/listings/",
+), False)
 
 
 @pytest.mark.parametrize("uri, allowed", [
     ("https://cdn.example.com/photos/a.jpg", "https://cdn.example.com/photos/a.jpg"),
     ("HTTPS://CDN.Example.COM/photos/a.jpg", "https://cdn.example.com/photos/a.jpg"),
     ("https://cdn.example.com/photos/x/../a.jpg", "https://cdn.example.com/photos/a.jpg"),
+    ("https://cdn.example.com/photos//a.jpg", "https://cdn.example.com/photos//a.jpg"),  # as the server sees it
     ("https://img.example.com/a.jpg?w=200", "https://img.example.com/a.jpg?w=200"),
     ("https://img.example.com", "https://img.example.com"),
     ("s3://bucket/photos/2024/a.jpg", "s3://bucket/photos/2024/a.jpg"),
+    ("abfss://photos@Account.dfs.core.windows.net/listings/a.jpg", "abfss://photos@account.dfs.core.windows.net/listings/a.jpg"),
 ])
 def test_allowed_uris_are_normalised_to_what_is_requested(uri, allowed):
     assert check_uri(uri, CDN) == allowed
@@ -101,7 +106,8 @@ def test_allowed_uris_are_normalised_to_what_is_requested(uri, allowed):
     "https://cdn.example.com@evil.org/photos/a.jpg",  # user info: the host is evil.org
     "https://cdn.example.com:8443/photos/a.jpg",  # another port is another origin
     "http://cdn.example.com/photos/a.jpg",  # another scheme
-    "s3://other-bucket/photos/a.jpg", "s3://bucket/private/a.jpg",
+    "s3://other-bucket/photos/a.jpg", "s3://bucket/private/a.jpg", "s3://bucket/photos/../private/a.jpg",
+    "abfss://secrets@account.dfs.core.windows.net/listings/a.jpg",
     "memory://photos/a.jpg", "ftp://cdn.example.com/photos/a.jpg", "gs://bucket/photos/a.jpg",
     "https://[::1", "https://cdn.example.com:99999/photos/a.jpg",  # malformed
 ])
@@ -162,9 +168,10 @@ def test_a_redirect_out_of_the_allow_list_is_not_followed(server):
     rules = build_rules((server.url("/redirect/"), server.url("/photo/")), allow_private_networks=True)
     fetched = server.hits["/photo/a.png"]
     assert read_bytes(server.url("/redirect/photo/a.png"), FETCH, rules) == PHOTO  # a redirect inside is followed
-    for target in ["notype/a.png", spelled(server, "localhost", "/photo/a.png")]:
+    whole_server = build_rules((server.url("/"),), allow_private_networks=True)
+    for target, allowing in [("notype/a.png", rules), (spelled(server, "localhost", "/photo/a.png"), whole_server)]:
         uri = server.url(f"/redirect/{target}")
-        assert str(refusal(uri, rules)) == f"forbidden_uri: {uri}: {uri_rules._REFUSED}"  # the target is not told
+        assert str(refusal(uri, allowing)) == f"forbidden_uri: {uri}: {uri_rules._REFUSED}"  # the target is not told
     assert server.hits["/notype/a.png"] == 0
     assert server.hits["/photo/a.png"] == fetched + 1  # only the redirect inside the allow-list
 
