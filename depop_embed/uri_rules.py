@@ -140,7 +140,10 @@ def is_forbidden_address(address: str) -> bool:
     """Whether an IP address (as getaddrinfo returns it) is loopback, private, link-local (which holds
     the cloud metadata address), multicast, unspecified, reserved or otherwise not globally routable,
     including through its IPv4-mapped, 6to4 and NAT64 spellings."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    return _is_forbidden(ipaddress.ip_address(address.split("%", 1)[0]))  # without an IPv6 zone id
+
+
+def _is_forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
         # Spellings that carry an IPv4 address reach that address: it decides. (Teredo, 2001::/32, is
         # never global, so it is refused on its own.)
@@ -148,7 +151,7 @@ def is_forbidden_address(address: str) -> bool:
         if embedded is None and ip in _NAT64:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
-            return is_forbidden_address(str(embedded))
+            return _is_forbidden(embedded)
     return (
         ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified
         or ip.is_reserved or not ip.is_global
