@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -119,7 +120,7 @@ def photo_rules(src: ImageSourceConfig) -> UriRules:
     entries = src.allowed_uri_prefixes
     if not entries:
         places = [src.uri_root] + ([os.path.dirname(src.path.rstrip("/"))] if "/" in src.path else [])
-        entries = tuple(p if "://" in p else os.path.abspath(p) for p in places if p)
+        entries = tuple(p if len(urlsplit(p).scheme) > 1 else os.path.abspath(p) for p in places if p)
     return build_rules(entries, src.fetch.allow_private_networks)
 
 
