@@ -102,6 +102,8 @@ def job_variant(cap: int, tmp: Path) -> None:
     cfg = config.load(ROOT / "conf" / "local.yaml", [
         *job_overrides(tmp, corpus.listings_path, corpus.images_path),
         f"encode.max_image_pixels={cap}", f"images.fetch.max_bytes={hostile.MAX_BYTES}",
+        f"images.allowed_uri_prefixes={hostile.allowed_prefixes(corpus, server)}",
+        "images.fetch.allow_private_networks=true",
         "images.fetch.timeout_s=0.5", "images.fetch.backoff_s=0.05", "thresholds.max_error_rate=1",
     ])
     spark = get_spark(cfg)

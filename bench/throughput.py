@@ -190,7 +190,7 @@ def decode_comparison(encoder, settings, uris: list[str], reference: np.ndarray)
         return encoder.preprocess(Image.open(uri).convert("RGB"))
 
     def draft(uri):
-        data = photos.read_bytes(uri, settings.fetch)
+        data = photos.read_bytes(uri, settings.fetch, settings.uri_rules)
         return encoder.preprocess(photos.decode(data, settings.max_image_pixels, encoder.image_side))
 
     threads = torch.get_num_threads()
@@ -223,7 +223,7 @@ def encode_uris(encoder, settings, uris) -> np.ndarray:
 
     side = encoder.image_side if settings.jpeg_draft else 0
     pixels = [
-        encoder.preprocess(photos.decode(photos.read_bytes(u, settings.fetch), settings.max_image_pixels, side))
+        encoder.preprocess(photos.decode(photos.read_bytes(u, settings.fetch, settings.uri_rules), settings.max_image_pixels, side))
         for u in uris
     ]
     return encoder.encode_images(torch.stack(pixels))

@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from depop_embed import uri_rules
+
 SOURCE_FORMATS = ("delta", "parquet", "json", "csv")
 DELTA_ENGINES = ("auto", "spark", "delta-rs")
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,12 +63,17 @@ class FetchConfig:
     retries: int = 2  # extra attempts after a transient failure (timeout, connection, 5xx, 429)
     backoff_s: float = 0.5  # wait before retry n is backoff_s * 2**(n-1)
     max_bytes: int = 25_000_000  # a photo file or response larger than this is refused (too_large)
+    # http(s) hosts that resolve to loopback, private, link-local, ... addresses are refused unless true.
+    allow_private_networks: bool = False
 
 
 @dataclass(frozen=True)
 class ImageSourceConfig(SourceConfig):
     # Relative photo URIs resolve against this folder; empty means the folder that holds `path`.
     uri_root: str = ""
+    # Photo URIs outside these URI prefixes and absolute folders are refused (forbidden_uri) unopened;
+    # empty means the folder that holds `path` and `uri_root`.
+    allowed_uri_prefixes: tuple[str, ...] = ()
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
@@ -396,6 +403,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"images.fetch.backoff_s: must be >= 0, got {f.backoff_s}")
     if f.max_bytes < 1:
         raise ConfigError(f"images.fetch.max_bytes: must be >= 1, got {f.max_bytes}")
+    for i, entry in enumerate(cfg.images.allowed_uri_prefixes):
+        if (problem := uri_rules.entry_error(entry)) is not None:
+            raise ConfigError(f"images.allowed_uri_prefixes[{i}]: {problem}")
     _one_of("output.engine", cfg.output.engine, DELTA_ENGINES)
     if not cfg.output.location:
         raise ConfigError("output.location: required")

@@ -19,16 +19,16 @@ import hashlib
 import http.client
 import io
 import math
+import socket
 import time
-import urllib.error
-import urllib.request
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlparse, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from depop_embed import __version__
 from depop_embed.config import FetchConfig
+from depop_embed.uri_rules import FORBIDDEN, UriRules, check_uri, refused, resolve
 
 # Failures that say nothing about the photo itself: the same URI may well work on the next run
 # (read_failed: an I/O error from a volume or an object store). Incremental runs retry these, and keep
@@ -48,6 +48,8 @@ MAX_ASPECT_RATIO = 20
 # Content types an image server may send for image bytes (object stores often send octet-stream).
 _IMAGE_CONTENT_TYPES = ("application/octet-stream", "binary/octet-stream")
 _CHUNK = 1 << 16
+_REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 3
 
 # A draft-decoded JPEG keeps both sides at least this many times the model's input side, so the
 # bicubic resize that follows still averages several source pixels per output pixel. Measured on the
@@ -67,6 +69,11 @@ def is_transient(error: str | None) -> bool:
     return bool(error) and error.partition(":")[0].strip() in TRANSIENT_CODES
 
 
+def is_refused(error: str | None) -> bool:
+    """Whether an `error` column value is a photo URI the rules refused to open (`uri_rules`)."""
+    return bool(error) and error.partition(":")[0].strip() == FORBIDDEN
+
+
 def local_path(uri: str) -> str | None:
     """The filesystem path of a plain path or file: URI; None for other schemes."""
     parsed = urlparse(uri)
@@ -77,20 +84,27 @@ def local_path(uri: str) -> str | None:
     return None
 
 
-def read_bytes(uri: str, fetch: FetchConfig) -> bytes:
-    """The photo's bytes, from a path, a file: URI, an http(s) URL or an fsspec object-store URI."""
+def read_bytes(uri: str, fetch: FetchConfig, rules: UriRules) -> bytes:
+    """The photo's bytes, from a path, a file: URI, an http(s) URL or an fsspec object-store URI, once
+    `rules` allow it (else forbidden_uri, before anything is opened or requested)."""
     if not uri:
         raise PhotoError("missing", "the photo row has no uri")
-    if urlparse(uri).scheme in ("http", "https"):
-        return _fetch_with_retries(uri, fetch)
+    try:
+        target = check_uri(uri, rules)
+        if urlparse(target).scheme in ("http", "https"):
+            return _fetch_with_retries(target, fetch, rules)
+    except PhotoError as exc:
+        if exc.code == FORBIDDEN:  # the same words for the row's URI, whichever hop or address was refused
+            raise refused(uri) from None
+        raise
     path = local_path(uri)
     try:
         if path is not None:
-            stream = open(path, "rb")
+            stream = open(target, "rb")  # the real path that was checked, not the row's spelling of it
         else:
             import fsspec  # object stores (s3://, gs://, abfss://...) through whatever fsspec backend is installed
 
-            stream = fsspec.open(uri, "rb")
+            stream = fsspec.open(target, "rb")
         with stream as fh:  # a special file (/dev/zero, a pipe) has no size to check up front: cap the read
             return _read_capped(fh, fetch.max_bytes, uri)
     except FileNotFoundError as exc:
@@ -132,11 +146,11 @@ def decode(data: bytes, max_pixels: int, input_side: int = 0) -> Image.Image:
         raise PhotoError("corrupt", f"{type(exc).__name__}: {exc}") from exc
 
 
-def _fetch_with_retries(uri: str, fetch: FetchConfig) -> bytes:
+def _fetch_with_retries(uri: str, fetch: FetchConfig, rules: UriRules) -> bytes:
     attempt = 0
     while True:
         try:
-            return _fetch(uri, fetch)
+            return _fetch(uri, fetch, rules)
         except PhotoError as exc:
             if exc.code not in TRANSIENT_CODES:
                 raise
@@ -146,37 +160,76 @@ def _fetch_with_retries(uri: str, fetch: FetchConfig) -> bytes:
         attempt += 1
 
 
-def _fetch(uri: str, fetch: FetchConfig) -> bytes:
-    """One GET: status, content type and size checked before the body; the body within the timeout."""
+def _fetch(uri: str, fetch: FetchConfig, rules: UriRules) -> bytes:
+    """One GET, following at most MAX_REDIRECTS redirects, each hop checked like the first: status,
+    content type and size checked before the body; the body within the timeout."""
     deadline = time.monotonic() + fetch.timeout_s
-    request = urllib.request.Request(uri, headers={"User-Agent": f"depop-embed/{__version__}", "Accept": "image/*"})
+    url = uri
+    for _ in range(MAX_REDIRECTS + 1):
+        connection, response = _request(url, fetch, rules)
+        try:
+            if response.status in _REDIRECTS and response.getheader("Location"):
+                url = next_hop(url, response.getheader("Location"), rules)
+                continue
+            return _read_response(uri, response, fetch, deadline)
+        except TimeoutError as exc:
+            raise PhotoError("timeout", f"{uri}: no data for {fetch.timeout_s}s") from exc
+        except http.client.IncompleteRead as exc:
+            raise PhotoError("truncated", f"{uri}: {exc!r}") from exc
+        except (http.client.HTTPException, OSError) as exc:
+            raise PhotoError("connection", f"{uri}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            connection.close()
+    raise PhotoError("too_many_redirects", f"{uri}: more than {MAX_REDIRECTS} redirects")
+
+
+def next_hop(url: str, location: str, rules: UriRules) -> str:
+    """A redirect's target, checked against the allow-list (its address is checked when connecting);
+    https never leads to http."""
+    target = urljoin(url, location)
+    if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+        raise refused(target)
+    return check_uri(target, rules)
+
+
+def _request(url: str, fetch: FetchConfig, rules: UriRules):
+    """-> (connection, response) for a GET of a normalised http(s) URL, connected to the address that
+    `resolve` checked: no second DNS lookup between the check and the connect."""
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    address = resolve(parts.hostname or "", port, rules)
+    # Host header, TLS SNI and the certificate check use the host name; the socket, the checked address.
+    cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    connection = cls(parts.hostname, port, timeout=fetch.timeout_s)
+    connection._create_connection = lambda _by_name, timeout, source: socket.create_connection(address, timeout, source)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        with urllib.request.urlopen(request, timeout=fetch.timeout_s) as response:
-            if "Content-Type" in response.headers:
-                content_type = response.headers.get_content_type()
-                if not (content_type.startswith("image/") or content_type in _IMAGE_CONTENT_TYPES):
-                    raise PhotoError("not_an_image", f"{uri} answered with Content-Type {content_type}")
-            declared = response.headers.get("Content-Length")
-            declared = int(declared) if declared and declared.isdigit() else None
-            if declared is not None:
-                _check_size(declared, fetch.max_bytes, uri)
-            body = _read_capped(response, fetch.max_bytes, uri, deadline)
-            if declared is not None and len(body) < declared:
-                raise PhotoError("truncated", f"{uri}: got {len(body)} of {declared} bytes")
-            return body
-    except PhotoError:
-        raise
-    except urllib.error.HTTPError as exc:
-        raise PhotoError(_status_code(exc.code), f"HTTP {exc.code} from {uri}") from exc
-    except urllib.error.URLError as exc:
-        code = "timeout" if isinstance(exc.reason, TimeoutError) else "connection"
-        raise PhotoError(code, f"{uri}: {exc.reason}") from exc
+        connection.request("GET", target, headers={"User-Agent": f"depop-embed/{__version__}", "Accept": "image/*"})
+        return connection, connection.getresponse()
     except TimeoutError as exc:
-        raise PhotoError("timeout", f"{uri}: no data for {fetch.timeout_s}s") from exc
-    except http.client.IncompleteRead as exc:
-        raise PhotoError("truncated", f"{uri}: {exc!r}") from exc
-    except (http.client.HTTPException, OSError) as exc:  # a reset, a malformed status line, ...
-        raise PhotoError("connection", f"{uri}: {type(exc).__name__}: {exc}") from exc
+        connection.close()
+        raise PhotoError("timeout", f"{url}: no answer within {fetch.timeout_s}s") from exc
+    except (http.client.HTTPException, OSError) as exc:  # refused, reset, a malformed status line, ...
+        connection.close()
+        raise PhotoError("connection", f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_response(uri: str, response: http.client.HTTPResponse, fetch: FetchConfig, deadline: float) -> bytes:
+    if response.status >= 300:
+        raise PhotoError(_status_code(response.status), f"HTTP {response.status} from {uri}")
+    if "Content-Type" in response.headers:
+        content_type = response.headers.get_content_type()
+        if not (content_type.startswith("image/") or content_type in _IMAGE_CONTENT_TYPES):
+            raise PhotoError("not_an_image", f"{uri} answered with Content-Type {content_type}")
+    declared = response.headers.get("Content-Length")
+    declared = int(declared) if declared and declared.isdigit() else None
+    if declared is not None:
+        _check_size(declared, fetch.max_bytes, uri)
+    body = _read_capped(response, fetch.max_bytes, uri, deadline)
+    if declared is not None and len(body) < declared:
+        raise PhotoError("truncated", f"{uri}: got {len(body)} of {declared} bytes")
+    return body
 
 
 def _status_code(status: int) -> str:

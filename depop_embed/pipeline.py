@@ -88,6 +88,8 @@ class RunSummary:
             lines.append(
                 f"  encoded {rows} {kind} in {self.stats.get(batches, 0)} batches, {secs:.1f}s ({rate:.1f}/s)"
             )
+        if self.stats.get("images_refused"):
+            lines.append(f"  refused {self.stats['images_refused']} photo URIs unopened (forbidden_uri)")
         return "\n".join(lines)
 
 
@@ -363,6 +365,7 @@ def _encode_settings(spark: SparkSession, cfg: Config, model: ModelConfig, packa
         decode_threads=cfg.encode.decode_threads,
         max_image_pixels=cfg.encode.max_image_pixels,
         fetch=cfg.images.fetch,
+        uri_rules=sources.photo_rules(cfg.images),
         jpeg_draft=cfg.encode.jpeg_draft,
     )
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from depop_embed import photos
+from depop_embed import photos, sources
 from depop_embed.config import Config
 from depop_embed.reader import EmbeddingReader, embedding_column, hash_sample
 from depop_embed.tables import IMAGE_TABLE
@@ -107,7 +107,8 @@ def thumbnail(uri: str | None, cfg: Config) -> str | None:
     if not uri:
         return None
     try:
-        image = photos.decode(photos.read_bytes(uri, cfg.images.fetch), cfg.encode.max_image_pixels, THUMB_SIDE)
+        data = photos.read_bytes(uri, cfg.images.fetch, sources.photo_rules(cfg.images))
+        image = photos.decode(data, cfg.encode.max_image_pixels, THUMB_SIDE)
     except photos.PhotoError:
         return None
     image.thumbnail((THUMB_SIDE, THUMB_SIDE))

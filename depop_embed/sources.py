@@ -13,11 +13,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from depop_embed.config import IMAGE_COLUMNS, LISTING_COLUMNS, Config, ImageSourceConfig, SourceConfig
+from depop_embed.uri_rules import UriRules, build_rules
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,16 @@ def uri_root(src: ImageSourceConfig) -> str:
         return src.uri_root.rstrip("/")
     parent = os.path.dirname(src.path.rstrip("/"))
     return os.path.abspath(parent) if "://" not in src.path else parent
+
+
+def photo_rules(src: ImageSourceConfig) -> UriRules:
+    """What photo URIs may be opened: `allowed_uri_prefixes`, else the folder that holds the photo
+    table and `uri_root` (a catalog table name has no folder)."""
+    entries = src.allowed_uri_prefixes
+    if not entries:
+        places = [src.uri_root] + ([os.path.dirname(src.path.rstrip("/"))] if "/" in src.path else [])
+        entries = tuple(p if len(urlsplit(p).scheme) > 1 else os.path.abspath(p) for p in places if p)
+    return build_rules(entries, src.fetch.allow_private_networks)
 
 
 def _absolute_uri(uri, root: str):

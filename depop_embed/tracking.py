@@ -121,7 +121,7 @@ class RunTracker:
         for kind in ("images", "texts"):
             rows, secs = summary.stats.get(kind, 0), self.seconds.get(kind, 0.0)
             metrics[f"throughput/{kind}_per_s"] = rows / secs if secs else None
-        for key in ("images", "texts", "image_batches", "text_batches", "model_loads"):
+        for key in ("images", "texts", "image_batches", "text_batches", "model_loads", "images_refused"):
             metrics[f"encode/{key}"] = summary.stats.get(key, 0)
         self.log_metrics(metrics)
 

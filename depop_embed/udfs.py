@@ -18,7 +18,8 @@ import pandas as pd
 from pyspark.accumulators import AccumulatorParam
 
 from depop_embed.config import FetchConfig, ModelConfig
-from depop_embed.photos import PhotoError, is_transient
+from depop_embed.photos import PhotoError, is_refused, is_transient
+from depop_embed.uri_rules import UriRules
 
 IMAGE_OUTPUT_SCHEMA = (
     "listing_id string, image_id string, position int, image_uri string, content_hash string, "
@@ -58,6 +59,7 @@ class EncodeSettings:
     decode_threads: int
     max_image_pixels: int
     fetch: FetchConfig
+    uri_rules: UriRules  # which photo URIs may be opened (sources.photo_rules)
     jpeg_draft: bool
 
 
@@ -95,7 +97,8 @@ def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.Data
                 encoder = encoder or worker_encoder(settings, stats)
                 input_side = encoder.image_side if settings.jpeg_draft else 0
                 return _start_loading(
-                    batch, encoder.preprocess, pool, settings.max_image_pixels, settings.fetch, input_side
+                    batch, encoder.preprocess, pool, settings.max_image_pixels, settings.fetch, settings.uri_rules,
+                    input_side,
                 )
 
             batches = (batch for frame in frames for batch in _batches(frame, settings.image_batch_size))
@@ -106,6 +109,7 @@ def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.Data
                     "images": len(out),
                     "image_errors": int((out["status"] == "error").sum()),
                     "image_errors_transient": sum(map(is_transient, out["error"])),
+                    "images_refused": sum(map(is_refused, out["error"])),
                 })
                 yield out
 
@@ -128,10 +132,11 @@ def encode_texts(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataF
 
 
 def _start_loading(
-    batch: pd.DataFrame, preprocess, pool: ThreadPoolExecutor, max_pixels: int, fetch: FetchConfig, input_side: int
+    batch: pd.DataFrame, preprocess, pool: ThreadPoolExecutor, max_pixels: int, fetch: FetchConfig, rules: UriRules,
+    input_side: int,
 ) -> list[Future]:
     # Reading and decoding run in threads: Pillow releases the GIL while it decodes, sockets while they wait.
-    return [pool.submit(_load_photo, uri, preprocess, max_pixels, fetch, input_side) for uri in batch["uri"]]
+    return [pool.submit(_load_photo, uri, preprocess, max_pixels, fetch, rules, input_side) for uri in batch["uri"]]
 
 
 def _encode_image_batch(batch: pd.DataFrame, encoder, loading: list[Future]) -> pd.DataFrame:
@@ -174,14 +179,14 @@ def _one_ahead(items: Iterator[Any], start: Callable[[Any], Any]) -> Iterator[tu
 
 
 def _load_photo(
-    uri: str, preprocess, max_pixels: int, fetch: FetchConfig, input_side: int
+    uri: str, preprocess, max_pixels: int, fetch: FetchConfig, rules: UriRules, input_side: int
 ) -> tuple[str | None, Any, str | None]:
     """uri -> (content hash, preprocessed pixels, None) or (hash or None, None, error)."""
     from depop_embed import photos
 
     digest = None
     try:
-        data = photos.read_bytes(uri, fetch)
+        data = photos.read_bytes(uri, fetch, rules)
         digest = photos.content_hash(data)
         return digest, preprocess(photos.decode(data, max_pixels, input_side)), None
     except PhotoError as exc:

@@ -245,6 +245,44 @@ def http_cases(server) -> list[PhotoCase]:
     ]
 
 
+REFUSED_PHOTO = "refused.jpg"  # served, but only ever asked for through URIs the job must refuse
+
+
+def refused_cases(out: Path, server) -> list[PhotoCase]:
+    """URIs the job's rules refuse unopened (it allows the corpus folder and the server, private
+    networks included); the files and the server's photo are there to be read if they were opened."""
+    import os
+
+    photo = encoded(quadrants(), "PNG")
+    server.add(REFUSED_PHOTO, photo, "image/png")
+    outside = out.parent / "outside"
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "secret.png").write_bytes(photo)
+    link = out / "photos" / "hostile" / "link_out.png"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        os.symlink(outside / "secret.png", link)
+    localhost = server.url(f"/photo/{REFUSED_PHOTO}", "localhost")
+    return [
+        PhotoCase(f"refused_{name}", "forbidden_uri", uri=uri)
+        for name, uri in [
+            ("etc_passwd", "file:///etc/passwd"),
+            ("dotdot_escape", "photos/../../outside/secret.png"),  # relative: resolved against the corpus folder
+            ("symlink_out", "photos/hostile/link_out.png"),
+            ("memory_scheme", "memory://photos/secret.png"),
+            ("ftp_scheme", f"ftp://127.0.0.1:{server.port}/photo/{REFUSED_PHOTO}"),
+            ("localhost", localhost),  # the allowed server under another name: not in the allow-list
+            ("decimal_ip", server.url(f"/photo/{REFUSED_PHOTO}", "2130706433")),
+            ("redirect_out", server.url(f"/redirect/{localhost}")),
+        ]
+    ]
+
+
+def allowed_prefixes(corpus: "Corpus", server) -> str:
+    """The --set value of images.allowed_uri_prefixes for the corpus: its folder and the server."""
+    return json.dumps([str(corpus.images_path.parent), server.url("/")])
+
+
 @dataclass(frozen=True)
 class TextCase:
     name: str
@@ -295,7 +333,7 @@ def write_corpus(out: Path, server, n_good_listings: int = 100) -> Corpus:
     stamp = "2026-11-01T00:00:00+00:00"
 
     hostile_photos: dict[str, PhotoCase] = {}
-    for case in photo_cases() + http_cases(server):
+    for case in photo_cases() + http_cases(server) + refused_cases(out, server):
         listing_id = f"HP-{case.name}"
         listings.append(_listing(listing_id, {"title": f"Listing with photo {case.name}"}, stamp))
         uri = case.uri

@@ -12,10 +12,12 @@ The first path segment picks the behaviour, the last names a registered photo:
     /undeclared/<name>          the photo with no Content-Length (HTTP/1.0: the body ends at close)
     /notype/<name>              the photo with no Content-Type
     /declared-huge/<name>       Content-Length of 10 GB
+    /redirect/<path>            302 to /<path> on this server (or to <path> itself when it is a URL)
 
 A photo named in `outages` (name -> seconds) makes every path that serves it wait that long first: the
 same URL that worked yesterday times out today. Every request is counted per path in `hits`, so tests
-can tell how often the client tried.
+can tell how often the client tried, and every accepted TCP connection in `connections`, so tests can
+tell that a refused URI never reached the server at all.
 """
 
 from __future__ import annotations
@@ -32,18 +34,27 @@ class PhotoServer:
         self.types: dict[str, str] = {}
         self.outages: dict[str, float] = {}
         self.hits: Counter[str] = Counter()
+        self.connections = 0
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._httpd = _CountingHTTPServer(self, ("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
 
     def add(self, name: str, data: bytes, content_type: str = "image/jpeg") -> None:
         self.photos[name] = data
         self.types[name] = content_type
+
+    def accepted(self) -> None:
+        with self._lock:
+            self.connections += 1
 
     def hit(self, path: str) -> int:
         with self._lock:
@@ -53,6 +64,17 @@ class PhotoServer:
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+class _CountingHTTPServer(ThreadingHTTPServer):
+    def __init__(self, photos: PhotoServer, *args) -> None:
+        self.photos = photos
+        super().__init__(*args)
+
+    def get_request(self):
+        request = super().get_request()
+        self.photos.accepted()
+        return request
 
 
 def _handler(server: PhotoServer) -> type[BaseHTTPRequestHandler]:
@@ -66,6 +88,13 @@ def _handler(server: PhotoServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(404, b"<html>no such photo</html>", "text/html")
             content_type = server.types[name]
             time.sleep(server.outages.get(name, 0))
+            if kind == "redirect":
+                target = "/".join(args)
+                self.send_response(302)
+                self.send_header("Location", target if "://" in target else f"/{target}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             if kind == "status":
                 return self._send(int(args[0]), b"<html>error</html>", "text/html")
             if kind == "flaky" and hit <= int(args[0]):

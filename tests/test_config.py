@@ -108,6 +108,13 @@ def test_catalog_location_needs_spark_and_staging():
         ("images.fetch.max_bytes=0", "images.fetch.max_bytes: must be >= 1"),
         ("images.fetch.proxy=x", "images.fetch.proxy: unknown key"),
         ("listings.fetch.retries=1", "listings.fetch: unknown key"),  # only photos are fetched
+        ("images.allowed_uri_prefixes=[photos]", r"images.allowed_uri_prefixes\[0\]: 'photos' is neither"),
+        ('images.allowed_uri_prefixes=["/ok", "https:/no-host"]', r"images.allowed_uri_prefixes\[1\]: .*needs a host"),
+        ("images.allowed_uri_prefixes=[https://u:p@cdn.example.com/]", r"images.allowed_uri_prefixes\[0\]: .*takes no user info"),
+        ("images.allowed_uri_prefixes=[file:photos]", r"images.allowed_uri_prefixes\[0\]: .*absolute path"),
+        ('images.allowed_uri_prefixes=[""]', r"images.allowed_uri_prefixes\[0\]: an empty entry"),
+        ("images.allowed_uri_prefixes=/Volumes/x", "images.allowed_uri_prefixes: expected a list"),
+        ("images.fetch.allow_private_networks=1", "images.fetch.allow_private_networks: expected bool"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, names):

@@ -1,4 +1,6 @@
-"""Remote photos over HTTP, against a real server on 127.0.0.1 (tests/photo_server.py)."""
+"""Remote photos over HTTP, against a real server on 127.0.0.1 (tests/photo_server.py), which the
+rules here allow explicitly (its prefix, and private networks): tests/test_uri_rules.py shows that
+the default rules never reach it."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 
 from depop_embed.config import FetchConfig
 from depop_embed.photos import PhotoError, decode, is_transient, read_bytes
+from depop_embed.uri_rules import build_rules
 from hostile_corpus import encoded, quadrants
 
 PHOTO = encoded(quadrants(), "PNG")
@@ -23,17 +26,22 @@ def server(photo_server):
     return photo_server
 
 
+def on_server(server):
+    """Rules that allow the test server, private address and all."""
+    return build_rules((server.url("/"),), allow_private_networks=True)
+
+
 def fetch_error(server, path: str, fetch: FetchConfig = FAST) -> tuple[PhotoError, int]:
     """The error a fetch raises, and how many requests the server saw for the path."""
     before = server.hits[path]
     with pytest.raises(PhotoError) as info:
-        read_bytes(server.url(path), fetch)
+        read_bytes(server.url(path), fetch, on_server(server))
     return info.value, server.hits[path] - before
 
 
 @pytest.mark.parametrize("path", ["/photo/a.png", "/photo/b.jpg", "/notype/a.png", "/undeclared/a.png"])
 def test_a_photo_is_fetched_whole(server, path):
-    data = read_bytes(server.url(path), FAST)
+    data = read_bytes(server.url(path), FAST, on_server(server))
     assert data == PHOTO and decode(data, 10_000).size == quadrants().size
 
 
@@ -55,7 +63,7 @@ def test_server_errors_are_retried_then_reported_as_transient(server, status, co
 @pytest.mark.parametrize("status", [500, 502, 429])
 def test_a_flaky_server_succeeds_on_retry(server, status):
     path = f"/flaky/1/{status}/a.png"
-    assert read_bytes(server.url(path), FAST) == PHOTO
+    assert read_bytes(server.url(path), FAST, on_server(server)) == PHOTO
     assert server.hits[path] == 2
 
 
@@ -112,8 +120,9 @@ def test_nobody_listening_is_a_transient_connection_error():
     with socket.socket() as sock:  # a port that was free a moment ago
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    rules = build_rules((f"http://127.0.0.1:{port}/",), allow_private_networks=True)
     with pytest.raises(PhotoError) as info:
-        read_bytes(f"http://127.0.0.1:{port}/a.png", FetchConfig(timeout_s=1, retries=1, backoff_s=0))
+        read_bytes(f"http://127.0.0.1:{port}/a.png", FetchConfig(timeout_s=1, retries=1, backoff_s=0), rules)
     assert info.value.code == "connection" and is_transient(str(info.value))
 
 

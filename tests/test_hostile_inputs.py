@@ -19,7 +19,9 @@ from deltalake import DeltaTable
 from depop_embed import photos, pipeline, sources
 from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE
-from hostile_corpus import MAX_BYTES, MAX_IMAGE_PIXELS, read_jsonl, write_corpus, write_jsonl
+from hostile_corpus import (
+    MAX_BYTES, MAX_IMAGE_PIXELS, REFUSED_PHOTO, allowed_prefixes, read_jsonl, write_corpus, write_jsonl,
+)
 
 from conftest import ROOT, TINY_MODEL, job_overrides, make_config, read_delta
 
@@ -34,9 +36,11 @@ def load_job():
     return module
 
 
-def job_args(corpus, out, engine: str, max_error_rate: float, *flags: str) -> list[str]:
+def job_args(corpus, server, out, engine: str, max_error_rate: float, *flags: str) -> list[str]:
     overrides = [
         *job_overrides(out, corpus.listings_path, corpus.images_path, engine),
+        f"images.allowed_uri_prefixes={allowed_prefixes(corpus, server)}",
+        "images.fetch.allow_private_networks=true",  # the remote cases' server is on 127.0.0.1
         f"encode.max_image_pixels={MAX_IMAGE_PIXELS}",
         "encode.image_batch_size=16",
         f"images.fetch.max_bytes={MAX_BYTES}",
@@ -64,7 +68,7 @@ def corpus_run(spark, engine, photo_server, tmp_path_factory):
     corpus = write_corpus(tmp / "src", photo_server)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = load_job().main(job_args(corpus, tmp / "out", engine, LENIENT))
+        code = load_job().main(job_args(corpus, photo_server, tmp / "out", engine, LENIENT))
     return corpus, tmp / "out", engine, code, stdout.getvalue()
 
 
@@ -74,7 +78,7 @@ def test_the_corpus_is_big_and_hostile_enough(corpus_run):
     assert hostile >= 30 and len(corpus.good_photo_ids) >= 100 and len(corpus.good_listing_ids) >= 100
     assert {c.expected for c in corpus.photos.values()} >= {
         None, "corrupt", "empty", "unsupported_format", "too_large", "bad_aspect_ratio", "missing",
-        "not_found", "http_4xx", "http_5xx", "timeout", "truncated", "not_an_image",
+        "not_found", "http_4xx", "http_5xx", "timeout", "truncated", "not_an_image", "forbidden_uri",
     }
 
 
@@ -160,11 +164,23 @@ def test_listings_with_only_bad_photos_fall_back_to_their_text(corpus_run):
             np.testing.assert_allclose(row["multimodal_embedding"], texts.loc[listing_id, "embedding"], atol=1e-6)
 
 
-def test_a_strict_gate_fails_the_run_with_rate_reasons_and_examples_and_changes_no_table(corpus_run, caplog):
+def test_refused_uris_are_error_rows_never_opened_and_counted(corpus_run, photo_server):
+    corpus, out, _, code, stdout = corpus_run
+    images = table(out, IMAGE_TABLE).set_index("image_id")
+    refused = [image_id for image_id, case in corpus.photos.items() if case.expected == "forbidden_uri"]
+    assert len(refused) == 8 and code == 0
+    assert (images.loc[refused, "status"] == "error").all() and images.loc[refused, "content_hash"].isna().all()
+    # Only the redirect's first hop, on the allowed host, reached the server; its target never did.
+    asked = {path: n for path, n in photo_server.hits.items() if REFUSED_PHOTO in path}
+    assert list(asked) == [f"/redirect/{photo_server.url(f'/photo/{REFUSED_PHOTO}', 'localhost')}"], asked
+    assert f"refused {len(refused)} photo URIs unopened (forbidden_uri)" in stdout
+
+
+def test_a_strict_gate_fails_the_run_with_rate_reasons_and_examples_and_changes_no_table(corpus_run, photo_server, caplog):
     corpus, out, engine, _, _ = corpus_run
     before = versions(out)
     with caplog.at_level(logging.ERROR):  # a full refresh: the gate judges the rows a run encodes
-        code = load_job().main(job_args(corpus, out, engine, STRICT, "--full-refresh"))
+        code = load_job().main(job_args(corpus, photo_server, out, engine, STRICT, "--full-refresh"))
     assert code == 1
     message = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     n_photos = len(corpus.good_photo_ids) + len(corpus.photos)
@@ -189,6 +205,8 @@ def test_a_photo_that_times_out_on_a_rerun_keeps_its_good_vector(spark, engine, 
     # The rerun encodes this one photo: its timeout is 100% of the rows the gate judges.
     cfg = make_config(
         tmp_path, "images.fetch.timeout_s=0.3", "images.fetch.retries=1", "images.fetch.backoff_s=0.01",
+        f'images.allowed_uri_prefixes=["{tmp_path / "src"}", "{photo_server.url("/")}"]',
+        "images.fetch.allow_private_networks=true",
         "thresholds.max_error_rate=1", listings=catalogue.listings_path, images=catalogue.images_path, engine=engine,
     )
     pipeline.run(spark, cfg)

@@ -7,6 +7,7 @@ from PIL import Image
 import hostile_corpus as hostile
 from depop_embed.config import FetchConfig
 from depop_embed.photos import PhotoError, content_hash, decode, read_bytes
+from depop_embed.uri_rules import UriRules, build_rules
 from hostile_corpus import encoded
 
 FETCH = FetchConfig()
@@ -171,21 +172,25 @@ def test_unusable_bytes_raise_a_reason_code(data, code):
     assert info.value.code == code
 
 
+def in_folder(folder) -> UriRules:
+    return build_rules((str(folder),), allow_private_networks=False)
+
+
 def test_read_bytes_from_paths_and_file_uris(tmp_path):
     path = tmp_path / "a b.jpg"
     path.write_bytes(b"xyz")
-    assert read_bytes(str(path), FETCH) == b"xyz"
-    assert read_bytes(path.as_uri(), FETCH) == b"xyz"  # file:///.../a%20b.jpg
-    assert content_hash(b"xyz") == content_hash(read_bytes(str(path), FETCH))
+    assert read_bytes(str(path), FETCH, in_folder(tmp_path)) == b"xyz"
+    assert read_bytes(path.as_uri(), FETCH, in_folder(tmp_path)) == b"xyz"  # file:///.../a%20b.jpg
+    assert content_hash(b"xyz") == content_hash(read_bytes(str(path), FETCH, in_folder(tmp_path)))
 
 
 def test_read_bytes_failures_have_reason_codes(tmp_path):
     with pytest.raises(PhotoError, match="missing"):
-        read_bytes(str(tmp_path / "nope.jpg"), FETCH)
+        read_bytes(str(tmp_path / "nope.jpg"), FETCH, in_folder(tmp_path))
     with pytest.raises(PhotoError, match="missing"):
-        read_bytes(None, FETCH)
-    with pytest.raises(PhotoError, match="unsupported_uri"):
-        read_bytes("nosuchscheme://bucket/key.jpg", FETCH)
+        read_bytes(None, FETCH, in_folder(tmp_path))
+    with pytest.raises(PhotoError, match="unsupported_uri"):  # allowed, but no fsspec backend knows it
+        read_bytes("nosuchscheme://bucket/key.jpg", FETCH, build_rules(("nosuchscheme://bucket/",), False))
 
 
 @pytest.mark.parametrize(
@@ -218,8 +223,8 @@ def test_the_pixel_cap_wins_over_the_input_side():
 def test_a_file_over_the_byte_cap_is_refused(tmp_path):
     path = tmp_path / "big.jpg"
     path.write_bytes(b"\xff" * 5000)
-    assert read_bytes(str(path), FetchConfig(max_bytes=5000)) == b"\xff" * 5000
+    assert read_bytes(str(path), FetchConfig(max_bytes=5000), in_folder(tmp_path)) == b"\xff" * 5000
     with pytest.raises(PhotoError, match="too_large: .*images.fetch.max_bytes \\(4999\\)"):
-        read_bytes(str(path), FetchConfig(max_bytes=4999))
+        read_bytes(str(path), FetchConfig(max_bytes=4999), in_folder(tmp_path))
     with pytest.raises(PhotoError, match="too_large"):  # no size to check up front: the read stops at the cap
-        read_bytes("/dev/zero", FetchConfig(max_bytes=1_000_000))
+        read_bytes("/dev/zero", FetchConfig(max_bytes=1_000_000), in_folder("/dev"))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from depop_embed.config import FetchConfig
+from depop_embed.uri_rules import build_rules
 from depop_embed.udfs import (
     CounterParam, _batches, _encode_image_batch, _encode_rows, _encode_text_batch, _one_ahead, _start_loading,
 )
@@ -83,6 +84,10 @@ class FakeEncoder:
         return np.array([[1.0, len(t)] for t in texts], dtype=np.float32) / np.hypot(1.0, [len(t) for t in texts])[:, None]
 
 
+def in_folder(folder):
+    return build_rules((str(folder),), allow_private_networks=False)
+
+
 def test_image_batch_keeps_good_rows_and_explains_bad_ones(tmp_path):
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.jpg", quality=100)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -91,7 +96,7 @@ def test_image_batch_keeps_good_rows_and_explains_bad_ones(tmp_path):
     encoder = FakeEncoder()
     with ThreadPoolExecutor(2) as pool:
         out = _encode_image_batch(
-            batch, encoder, _start_loading(batch, encoder.preprocess, pool, 10_000, FetchConfig(), input_side=0)
+            batch, encoder, _start_loading(batch, encoder.preprocess, pool, 10_000, FetchConfig(), in_folder(tmp_path), input_side=0)
         )
     assert out["status"].tolist() == ["ok", "error", "error"]
     assert out["error"][0] is None and out["error"][1].startswith("missing:") and out["error"][2].startswith("corrupt:")
@@ -124,16 +129,20 @@ def test_image_errors_and_transient_ones_are_counted(spark, photo_server, tmp_pa
         photo_server.url("/status/503/green.png"),  # transient
         photo_server.url("/status/404/green.png"),
         str(tmp_path / "missing.png"),
+        photo_server.url("/notype/green.png"),  # outside the allow-list: refused unrequested
     ]
-    frame = pd.DataFrame({"listing_id": list("ABCDE"), "image_id": list("abcde"), "position": 0, "uri": uris})
+    frame = pd.DataFrame({"listing_id": list("ABCDEF"), "image_id": list("abcdef"), "position": 0, "uri": uris})
     settings = EncodeSettings(
         model=ModelConfig(name="depop-tiny-clip", seed=0, config_path=TINY_MODEL), package_dir=None, image_batch_size=4,
         text_batch_size=4, torch_threads=2, decode_threads=2, max_image_pixels=10_000,
-        fetch=FetchConfig(timeout_s=2, retries=0, backoff_s=0), jpeg_draft=True,
+        fetch=FetchConfig(timeout_s=2, retries=0, backoff_s=0),
+        uri_rules=build_rules((str(tmp_path), photo_server.url("/photo/"), photo_server.url("/status/")), True),
+        jpeg_draft=True,
     )
     stats = spark.sparkContext.accumulator({}, CounterParam())
     out = pd.concat(encode_images(settings, stats)(iter([frame])))
-    assert out["status"].tolist() == ["ok", "ok", "error", "error", "error"]
-    assert [e.split(":")[0] for e in out["error"][2:]] == ["http_5xx", "not_found", "missing"]
-    assert stats.value["images"] == 5 and stats.value["image_batches"] == 2
-    assert stats.value["image_errors"] == 3 and stats.value["image_errors_transient"] == 1
+    assert out["status"].tolist() == ["ok", "ok", "error", "error", "error", "error"]
+    assert [e.split(":")[0] for e in out["error"][2:]] == ["http_5xx", "not_found", "missing", "forbidden_uri"]
+    assert stats.value["images"] == 6 and stats.value["image_batches"] == 2
+    assert stats.value["image_errors"] == 4 and stats.value["image_errors_transient"] == 1
+    assert stats.value["images_refused"] == 1 and photo_server.hits["/notype/green.png"] == 0
