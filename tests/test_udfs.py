@@ -8,10 +8,23 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from depop_embed.config import FetchConfig
+from conftest import TINY_MODEL
+from depop_embed.config import FetchConfig, ModelConfig
+from depop_embed.photos import decode_pixels
 from depop_embed.udfs import (
-    CounterParam, _batches, _encode_image_batch, _encode_rows, _encode_text_batch, _one_ahead, _start_loading,
+    CounterParam, EncodeSettings, _batches, _encode_image_batch, _encode_rows, _encode_text_batch, _one_ahead,
+    _start_loading, encode_images,
 )
+
+
+def settings(**changes) -> EncodeSettings:
+    """What a worker gets, for the tiny model on the CPU."""
+    base = dict(
+        model=ModelConfig(name="depop-tiny-clip", seed=0, config_path=TINY_MODEL), package_dir=None, image_batch_size=4,
+        text_batch_size=4, torch_threads=2, decode_threads=2, max_image_pixels=50_000_000,
+        fetch=FetchConfig(timeout_s=2, retries=0, backoff_s=0), jpeg_draft=True, device_jpeg_decode=False,
+    )
+    return EncodeSettings(**{**base, **changes})
 
 
 def fake_model(bad_rows=(), nan_rows=()):
@@ -73,8 +86,11 @@ def test_counters_merge_nested_dicts():
 class FakeEncoder:
     """The Encoder interface over numpy: a photo's vector is its mean colour, a text's its length."""
 
-    def preprocess(self, image):
-        return torch.tensor(np.asarray(image, dtype=np.float32).mean(axis=(0, 1)))
+    def load_photo(self, data, max_pixels, draft=True, device_jpeg=False):
+        return decode_pixels(data, max_pixels)
+
+    def photo_input(self, images):
+        return torch.tensor(np.stack([image.mean(axis=(0, 1), dtype=np.float32) for image in images]))
 
     def encode_images(self, pixels):
         return torch.nn.functional.normalize(pixels, dim=-1).numpy()
@@ -90,9 +106,7 @@ def test_image_batch_keeps_good_rows_and_explains_bad_ones(tmp_path):
     batch = pd.DataFrame({"listing_id": ["A", "B", "C"], "image_id": ["a", "b", "c"], "position": [0, 0, 1], "uri": uris})
     encoder = FakeEncoder()
     with ThreadPoolExecutor(2) as pool:
-        out = _encode_image_batch(
-            batch, encoder, _start_loading(batch, encoder.preprocess, pool, 10_000, FetchConfig(), input_side=0)
-        )
+        out = _encode_image_batch(batch, encoder, _start_loading(batch, encoder, pool, settings(max_image_pixels=10_000)))
     assert out["status"].tolist() == ["ok", "error", "error"]
     assert out["error"][0] is None and out["error"][1].startswith("missing:") and out["error"][2].startswith("corrupt:")
     np.testing.assert_allclose(out["embedding"][0], [1.0, 0.0, 0.0], atol=0.01)
@@ -111,11 +125,6 @@ def test_text_batch_marks_empty_texts_and_encodes_the_rest():
 
 
 def test_image_errors_and_transient_ones_are_counted(spark, photo_server, tmp_path):
-    from depop_embed.config import ModelConfig
-    from depop_embed.udfs import EncodeSettings, encode_images
-
-    from conftest import TINY_MODEL
-
     Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "green.png")
     photo_server.add("green.png", (tmp_path / "green.png").read_bytes(), "image/png")
     uris = [
@@ -126,13 +135,8 @@ def test_image_errors_and_transient_ones_are_counted(spark, photo_server, tmp_pa
         str(tmp_path / "missing.png"),
     ]
     frame = pd.DataFrame({"listing_id": list("ABCDE"), "image_id": list("abcde"), "position": 0, "uri": uris})
-    settings = EncodeSettings(
-        model=ModelConfig(name="depop-tiny-clip", seed=0, config_path=TINY_MODEL), package_dir=None, image_batch_size=4,
-        text_batch_size=4, torch_threads=2, decode_threads=2, max_image_pixels=10_000,
-        fetch=FetchConfig(timeout_s=2, retries=0, backoff_s=0), jpeg_draft=True,
-    )
     stats = spark.sparkContext.accumulator({}, CounterParam())
-    out = pd.concat(encode_images(settings, stats)(iter([frame])))
+    out = pd.concat(encode_images(settings(max_image_pixels=10_000), stats)(iter([frame])))
     assert out["status"].tolist() == ["ok", "ok", "error", "error", "error"]
     assert [e.split(":")[0] for e in out["error"][2:]] == ["http_5xx", "not_found", "missing"]
     assert stats.value["images"] == 5 and stats.value["image_batches"] == 2
