@@ -141,3 +141,27 @@ def test_image_errors_and_transient_ones_are_counted(spark, photo_server, tmp_pa
     assert [e.split(":")[0] for e in out["error"][2:]] == ["http_5xx", "not_found", "missing"]
     assert stats.value["images"] == 5 and stats.value["image_batches"] == 2
     assert stats.value["image_errors"] == 3 and stats.value["image_errors_transient"] == 1
+
+
+def test_device_jpeg_decode_gives_the_host_paths_rows(spark, tmp_path):
+    from hostile_corpus import encoded
+
+    from conftest import SAMPLE
+
+    good = sorted((SAMPLE / "photos").glob("*.jpg"))[:6] + sorted((SAMPLE / "photos").glob("*.png"))[:2]
+    jpeg = good[0].read_bytes()
+    # Header and end marker intact, garbage between: it reaches the device decoder, then Pillow says 'corrupt'.
+    (tmp_path / "garbage.jpg").write_bytes(jpeg[:600] + bytes(range(256)) * 8 + b"\xff\xd9")
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (tmp_path / "cmyk.jpg").write_bytes(encoded(Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG"))
+    uris = [str(p) for p in good] + [str(tmp_path / n) for n in ("garbage.jpg", "cut.jpg", "cmyk.jpg")]
+    frame = pd.DataFrame({"listing_id": "A", "image_id": [str(i) for i in range(len(uris))], "position": 0, "uri": uris})
+    stats = spark.sparkContext.accumulator({}, CounterParam())
+    host, device = (
+        pd.concat(encode_images(settings(image_batch_size=16, device_jpeg_decode=on), stats)(iter([frame])))
+        for on in (False, True)
+    )
+    assert host["status"].tolist() == device["status"].tolist() == ["ok"] * 8 + ["error", "error", "ok"]
+    assert [e.split(":")[0] for e in device["error"][8:10]] == ["corrupt", "corrupt"]
+    for a, b in zip(host["embedding"][host["status"] == "ok"], device["embedding"][device["status"] == "ok"]):
+        assert float(np.dot(a, b)) >= 0.9999
