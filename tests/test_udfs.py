@@ -165,3 +165,16 @@ def test_device_jpeg_decode_gives_the_host_paths_rows(spark, tmp_path):
     assert [e.split(":")[0] for e in device["error"][8:10]] == ["corrupt", "corrupt"]
     for a, b in zip(host["embedding"][host["status"] == "ok"], device["embedding"][device["status"] == "ok"]):
         assert float(np.dot(a, b)) >= 0.9999
+
+
+def test_decode_and_torch_threads_default_to_the_cpus_of_a_task(spark, tmp_path):
+    from conftest import make_config
+    from depop_embed.pipeline import _encode_settings
+
+    task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    cfg = make_config(tmp_path, "encode.decode_threads=0", "encode.torch_threads=0")
+    resolved = _encode_settings(spark, cfg, cfg.model, None)
+    assert resolved.decode_threads == resolved.torch_threads == task_cpus
+    cfg = make_config(tmp_path, "encode.decode_threads=6", "encode.device_jpeg_decode=true")
+    resolved = _encode_settings(spark, cfg, cfg.model, None)
+    assert resolved.decode_threads == 6 and resolved.device_jpeg_decode
