@@ -59,7 +59,7 @@ class EncodeSettings:
     max_image_pixels: int
     fetch: FetchConfig
     jpeg_draft: bool
-    device_jpeg_decode: bool = False
+    device_jpeg_decode: bool
 
 
 _ENCODERS: dict[tuple, Any] = {}
