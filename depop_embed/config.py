@@ -116,11 +116,17 @@ class EncodeConfig:
     arrow_batch_size: int = 512  # rows per Arrow batch handed to each UDF call
     torch_threads: int = 0  # 0: one per CPU that Spark gives a task (spark.task.cpus)
     partitions: int = 0  # 0: Spark's default parallelism
-    decode_threads: int = 4
+    # Threads that read and decode photos, one batch ahead of the model; 0: one per CPU Spark gives a
+    # task (spark.task.cpus). Reads block too: raise it for photos behind a slow network (http).
+    decode_threads: int = 0
     max_image_pixels: int = 50_000_000  # decoded-size cap against decompression bombs
     # Decode JPEGs at a reduced (DCT) scale that stays >= 1.4x the model's input side before the
     # resize: about 3x cheaper decoding; vectors within 0.9999 cosine of a full decode (README).
     jpeg_draft: bool = True
+    # Decode plain RGB/greyscale JPEGs on the model's device (torchvision: nvjpeg on a GPU), in
+    # batches; every other photo, and any JPEG the device refuses, is decoded on the host. It frees the
+    # host's cores on a GPU node; on a CPU-only run it is a full decode, slower than the draft (README).
+    device_jpeg_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -437,10 +443,10 @@ def validate(cfg: Config) -> None:
     _one_of("model.precision", m.precision, PRECISIONS)
 
     e = cfg.encode
-    for key in ("image_batch_size", "text_batch_size", "arrow_batch_size", "decode_threads", "max_image_pixels"):
+    for key in ("image_batch_size", "text_batch_size", "arrow_batch_size", "max_image_pixels"):
         if getattr(e, key) < 1:
             raise ConfigError(f"encode.{key}: must be >= 1, got {getattr(e, key)}")
-    for key in ("torch_threads", "partitions"):
+    for key in ("torch_threads", "partitions", "decode_threads"):
         if getattr(e, key) < 0:
             raise ConfigError(f"encode.{key}: must be >= 0, got {getattr(e, key)}")
 

@@ -2,8 +2,11 @@
 or from a model package (a registered MLflow model, downloaded).
 
 `model_id` names exactly which weights produced a vector, and is computed on the driver without
-building the model. `Encoder` wraps a built model with its own preprocess transform and tokenizer and
-returns L2-normalised float32 vectors. Texts run through the text tower in buckets of similar token
+building the model. `Encoder` wraps a built model with its tokenizer and returns L2-normalised
+float32 vectors. Photos reach it as uint8 pixels decoded on the host (`photos.decode_pixels`) or as
+JPEG bytes for the device's decoder (`photos.jpeg_for_device`); `Encoder.photo_input` is the one
+place that turns them into the model's input, as a batch on the model's device: open_clip's eval
+transform (resize, crop or pad, scale, normalise) redone in torch from the model's preprocess config. Texts run through the text tower in buckets of similar token
 length, each only as long as its longest text needs (see `_TextCut`).
 
 A package is a folder: the weights as safetensors, the architecture JSON of a custom architecture, and
@@ -19,6 +22,7 @@ import hashlib
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from depop_embed import photos
 from depop_embed.config import REGISTERED_MODEL, ModelConfig
 
 PACKAGE_FILE = "depop_embed_model.json"
@@ -33,6 +38,9 @@ _PACKAGE_WEIGHTS = "open_clip_model.safetensors"
 _PREPROCESS_OVERRIDES = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation", "resize_mode": "image_resize_mode"}
 
 TEXT_BUCKET = 8  # token lengths are rounded up to this to group texts: at most 7 wasted positions each
+# Pixels per group that `photo_input` resizes at once (and per batch the device JPEG decoder gets):
+# 32 M pixels are 96 MB as uint8 and 384 MB as float32, whatever the photos' sizes.
+PHOTO_GROUP_PIXELS = 1 << 25
 
 
 def model_id(cfg: ModelConfig) -> str:
@@ -94,18 +102,158 @@ def embedding_dim(cfg: ModelConfig, package_dir: str | None = None) -> int:
     return int(model_cfg["embed_dim"])
 
 
+@dataclass(frozen=True)
+class PhotoTransform:
+    """open_clip's eval transform (`open_clip.transform.image_transform`) for one model, as torch ops
+    over a batch of same-sized uint8 images: resize (antialiased, so a reduction averages as Pillow's
+    does), center crop or pad, scale to [0, 1], normalise. Sizes and crop offsets are computed exactly
+    as torchvision and open_clip compute them."""
+
+    size: tuple[int, int]  # (height, width) of the model's input
+    resize_mode: str  # shortest | longest | squash
+    interpolation: str  # bicubic | bilinear
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fill_color: int  # padding of `longest`
+
+    @classmethod
+    def of(cls, preprocess_cfg: dict) -> PhotoTransform:
+        size = preprocess_cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        interpolation = "bilinear" if preprocess_cfg.get("interpolation") == "bilinear" else "bicubic"
+        return cls(
+            size=size, resize_mode=preprocess_cfg.get("resize_mode") or "shortest", interpolation=interpolation,
+            mean=tuple(preprocess_cfg["mean"]), std=tuple(preprocess_cfg["std"]),
+            fill_color=int(preprocess_cfg.get("fill_color") or 0),
+        )
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the resize step gives an image of this size."""
+        target_h, target_w = self.size
+        if self.resize_mode == "squash":
+            return self.size
+        if self.resize_mode == "shortest" and target_h == target_w:
+            # torchvision's Resize(int): the short side to the size, the long side truncated.
+            short, long = sorted((height, width))
+            new_long = int(target_h * long / short)
+            return (new_long, target_h) if width <= height else (target_h, new_long)
+        # open_clip's ResizeKeepRatio: one ratio for both sides, rounded.
+        ratio_h, ratio_w = height / target_h, width / target_w
+        ratio = max(ratio_h, ratio_w) if self.resize_mode == "longest" else min(ratio_h, ratio_w)
+        return round(height / ratio), round(width / ratio)
+
+    def __call__(self, batch: Any) -> Any:
+        """(N, 3, h, w) uint8 -> (N, 3, H, W) float32 on the same device."""
+        import torch
+        import torch.nn.functional as F
+
+        height, width = batch.shape[-2:]
+        new_size = self.resized(height, width)
+        if new_size != (height, width):
+            if batch.device.type == "cpu":
+                # The CPU has a vectorised uint8 kernel for channels-last images, rounding to uint8 as Pillow does.
+                batch = F.interpolate(batch, size=new_size, mode=self.interpolation, antialias=True)
+            else:
+                batch = F.interpolate(batch.float(), size=new_size, mode=self.interpolation, antialias=True)
+                batch = batch.round_().clamp_(0, 255)  # Pillow's resize ends in uint8 too
+        batch = self._crop_or_pad(batch)
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1) * 255
+        return (batch.float() - mean) / std
+
+    def _crop_or_pad(self, batch: Any) -> Any:
+        import torch.nn.functional as F
+
+        crop_h, crop_w = self.size
+        height, width = batch.shape[-2:]
+        if crop_h > height or crop_w > width:
+            pad_w, pad_h = max(crop_w - width, 0), max(crop_h - height, 0)
+            fill = self.fill_color if self.resize_mode == "longest" else 0  # torchvision's CenterCrop pads with 0
+            batch = F.pad(batch, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2), value=fill)
+            height, width = batch.shape[-2:]
+        top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+        return batch[..., top : top + crop_h, left : left + crop_w]
+
+
 @dataclass
 class Encoder:
     model: Any
-    preprocess: Any  # PIL image -> CHW float tensor, open_clip's own eval transform for this model
+    preprocess: Any  # PIL image -> CHW float tensor: open_clip's own eval transform (the reference)
     tokenizer: Any
     device: str
     autocast_dtype: Any  # torch dtype, or None for plain fp32
     image_side: int  # the longer side of the model's input image, in pixels
+    photo_transform: PhotoTransform
     text_cut: _TextCut | None = None  # None: every text runs over the whole context length
 
+    def load_photo(self, data: bytes, max_pixels: int, draft: bool = True, device_jpeg: bool = False):
+        """The host's half of a photo, for `photo_input`: (H, W, 3) uint8 pixels, decoded at the
+        smallest JPEG draft scale that keeps the resize's quality (`draft`); or, with `device_jpeg`,
+        a `photos.DeviceJpeg` for a JPEG the device can decode itself. Raises `photos.PhotoError`."""
+        input_side = self.image_side if draft else 0
+        if device_jpeg and (jpeg := photos.jpeg_for_device(data, max_pixels, input_side)) is not None:
+            return jpeg
+        return photos.decode_pixels(data, max_pixels, input_side)
+
+    def photo_input(self, images: Sequence[Any]) -> Any:
+        """The device's half: `load_photo` results -> the model's (N, 3, H, W) float32 input on its
+        device, in the input order. Same-sized images are resized together; host pixels travel as
+        uint8 (through pinned memory, without blocking, to a GPU). A JPEG the device decoder refuses
+        is decoded on the host instead, whose `PhotoError` (a corrupt file) is raised."""
+        import torch
+
+        height, width = self.photo_transform.size
+        out = torch.empty((len(images), 3, height, width), dtype=torch.float32, device=self.device)
+        jpegs = [i for i, image in enumerate(images) if isinstance(image, photos.DeviceJpeg)]
+        decoded = dict(zip(jpegs, self._decode_jpegs([images[i] for i in jpegs]))) if jpegs else {}
+        pixels = [decoded.get(i, image) for i, image in enumerate(images)]
+        for rows in _same_size_groups(pixels):
+            out[rows] = self.photo_transform(self._to_device([pixels[i] for i in rows]))
+        return out
+
+    def _to_device(self, images: list) -> Any:
+        """Same-sized (H, W, 3) uint8 images -> one (N, 3, H, W) uint8 channels-last tensor on the device."""
+        import torch
+
+        if isinstance(images[0], torch.Tensor):  # decoded on the device already
+            return torch.stack(images).permute(0, 3, 1, 2)
+        if self.device == "cpu":
+            return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        staged = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
+        np.stack(images, out=staged.numpy())
+        return staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+
+    def _decode_jpegs(self, jpegs: list[photos.DeviceJpeg]) -> list:
+        """JPEGs -> (H, W, 3) uint8 pixels, decoded by torchvision on the encoder's device (nvjpeg on a
+        GPU, libjpeg-turbo on the CPU) in batches, turned upright as their EXIF says."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def decode(group: list[photos.DeviceJpeg]) -> list:
+            data = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in group]
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its image decoders for torchcodec's
+                warnings.simplefilter("ignore")
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+
+        out: list = []
+        for group in _pixel_groups(jpegs):
+            try:
+                chw = decode(group)
+            except RuntimeError:  # the batch call gives nothing when one file fails: retry one by one
+                chw = []
+                for jpeg in group:
+                    try:
+                        chw += decode([jpeg])
+                    except RuntimeError:
+                        chw.append(None)
+            out += [
+                _upright(image, jpeg.orientation).permute(1, 2, 0) if image is not None else jpeg.decode_on_host()
+                for image, jpeg in zip(chw, group)
+            ]
+        return out
+
     def encode_images(self, pixels: Any) -> np.ndarray:
-        """A (N, 3, H, W) tensor from `preprocess` -> (N, dim) normalised float32."""
+        """A (N, 3, H, W) tensor from `photo_input` (or open_clip's `preprocess`) -> (N, dim) normalised float32."""
         import torch
 
         with torch.inference_mode(), self._autocast():
@@ -291,6 +439,8 @@ def save_checkpoint(model: Any, path: str | Path) -> None:
 
 
 def _encoder(model: Any, preprocess: Any, tokenizer: Any, device: str, precision: str) -> Encoder:
+    import open_clip
+
     model = model.to(device).eval()
     return Encoder(
         model=model,
@@ -299,8 +449,52 @@ def _encoder(model: Any, preprocess: Any, tokenizer: Any, device: str, precision
         device=device,
         autocast_dtype=_autocast_dtype(precision, device),
         image_side=_image_side(model),
+        photo_transform=PhotoTransform.of(open_clip.get_model_preprocess_cfg(model)),
         text_cut=_TextCut.of(model),
     )
+
+
+def _same_size_groups(images: list) -> list[list[int]]:
+    """Indices of same-sized images held in the same place (host or device), in groups of at most
+    PHOTO_GROUP_PIXELS pixels."""
+    by_size: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault((*image.shape, type(image)), []).append(i)
+    groups = []
+    for (height, width, _, _), rows in by_size.items():
+        step = max(1, PHOTO_GROUP_PIXELS // (height * width))
+        groups += [rows[start : start + step] for start in range(0, len(rows), step)]
+    return groups
+
+
+def _pixel_groups(jpegs: list[photos.DeviceJpeg]) -> list[list[photos.DeviceJpeg]]:
+    """Consecutive JPEGs in groups of at most PHOTO_GROUP_PIXELS decoded pixels (one JPEG at least)."""
+    groups: list[list[photos.DeviceJpeg]] = [[]]
+    pixels = 0
+    for jpeg in jpegs:
+        if groups[-1] and pixels + jpeg.width * jpeg.height > PHOTO_GROUP_PIXELS:
+            groups.append([])
+            pixels = 0
+        groups[-1].append(jpeg)
+        pixels += jpeg.width * jpeg.height
+    return groups
+
+
+def _upright(chw: Any, orientation: int) -> Any:
+    """A (3, H, W) image turned as Pillow's `ImageOps.exif_transpose` turns it for this EXIF orientation."""
+    import torch
+
+    h, w = 1, 2
+    turns = {
+        2: lambda x: x.flip(w),  # mirrored
+        3: lambda x: x.flip(h, w),  # upside down
+        4: lambda x: x.flip(h),
+        5: lambda x: x.transpose(h, w),
+        6: lambda x: torch.rot90(x, -1, (h, w)),  # taken with the phone turned right: a quarter turn clockwise
+        7: lambda x: x.transpose(h, w).flip(h, w),
+        8: lambda x: torch.rot90(x, 1, (h, w)),
+    }
+    return turns[orientation](chw) if orientation in turns else chw
 
 
 def _image_side(model: Any) -> int:

@@ -11,6 +11,11 @@ it is refused, and so is an image too elongated for open_clip's resize.
 
 Draft mode also serves speed: a JPEG much larger than the model's input is decoded at 1/2, 1/4 or 1/8
 scale (libjpeg scales in the DCT, far cheaper than a full decode and resize).
+
+This module is the host's half of the photo path and stops at RGB uint8 pixels (`decode_pixels`): no
+resize or float work happens here. The model's own resize, crop and normalisation run as a batch on
+the model's device (`encoders.Encoder.photo_input`). `jpeg_for_device` goes one step further for
+JPEGs whose header passes every check: it decodes nothing and leaves the bytes to the device's decoder.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import io
 import math
 import socket
 import time
+from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlparse, urlsplit
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from depop_embed import __version__
 from depop_embed.config import FetchConfig
@@ -55,6 +61,11 @@ MAX_REDIRECTS = 3
 # bicubic resize that follows still averages several source pixels per output pixel. Measured on the
 # sample catalogue with ViT-B-32: cosine to the full decode >= 0.99995 at 1.4x, down to 0.9998 at 1x.
 DRAFT_MARGIN = 1.4
+
+# JPEG header modes a device decoder turns into the same RGB as Pillow: YCbCr/RGB and greyscale.
+# CMYK (inverted Adobe CMYK included) stays with Pillow, whose conversion this job's vectors follow.
+_DEVICE_JPEG_MODES = ("RGB", "L")
+_JPEG_END = b"\xff\xd9"  # the EOI marker: a file without it was cut short
 
 
 class PhotoError(Exception):
@@ -144,6 +155,46 @@ def decode(data: bytes, max_pixels: int, input_side: int = 0) -> Image.Image:
         raise PhotoError("unsupported_format", f"not a photo format this job reads ({formats})") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's errors for corrupt files
         raise PhotoError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+
+
+def decode_pixels(data: bytes, max_pixels: int, input_side: int = 0) -> np.ndarray:
+    """`decode`, as an (H, W, 3) uint8 array: what the host hands the model's device."""
+    return np.asarray(decode(data, max_pixels, input_side))
+
+
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A JPEG whose header passed every check `decode` makes, left for the model's device to decode
+    (`encoders.Encoder.photo_input`). `decode_on_host` is the way back when the device decoder refuses it."""
+
+    data: bytes
+    width: int
+    height: int
+    orientation: int  # EXIF orientation 1..8, applied after the device decode
+    max_pixels: int
+    input_side: int
+
+    def decode_on_host(self) -> np.ndarray:
+        return decode_pixels(self.data, self.max_pixels, self.input_side)
+
+
+def jpeg_for_device(data: bytes, max_pixels: int, input_side: int = 0) -> DeviceJpeg | None:
+    """A `DeviceJpeg` for a plain RGB or greyscale JPEG under the pixel cap that ends where a JPEG ends;
+    None for anything else (decode it with `decode_pixels`). Raises `PhotoError` for what `decode` would
+    refuse from the header (an elongated image), so both paths give the same error rows."""
+    if not data.startswith(b"\xff\xd8") or not data.rstrip(b"\0").endswith(_JPEG_END):
+        return None  # not a JPEG, or a truncated one: Pillow gives the reason code
+    try:
+        image = Image.open(io.BytesIO(data), formats=("JPEG",))
+        _check_shape(image)
+        if image.format != "JPEG" or image.mode not in _DEVICE_JPEG_MODES or image.size[0] * image.size[1] > max_pixels:
+            return None
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except PhotoError:
+        raise
+    except Exception:  # noqa: BLE001 - an odd header or EXIF block: Pillow decodes it and says what is wrong
+        return None
+    return DeviceJpeg(data, *image.size, orientation if orientation in range(1, 9) else 1, max_pixels, input_side)
 
 
 def _fetch_with_retries(uri: str, fetch: FetchConfig, rules: UriRules) -> bytes:

@@ -356,17 +356,19 @@ def profile(staged: DataFrame, path: str, dim: int) -> Staged:
 
 
 def _encode_settings(spark: SparkSession, cfg: Config, model: ModelConfig, package_dir: str | None) -> EncodeSettings:
+    task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
     return EncodeSettings(
         model=model,
         package_dir=package_dir,
         image_batch_size=cfg.encode.image_batch_size,
         text_batch_size=cfg.encode.text_batch_size,
-        torch_threads=cfg.encode.torch_threads or int(spark.conf.get("spark.task.cpus", "1")),
-        decode_threads=cfg.encode.decode_threads,
+        torch_threads=cfg.encode.torch_threads or task_cpus,
+        decode_threads=cfg.encode.decode_threads or task_cpus,
         max_image_pixels=cfg.encode.max_image_pixels,
         fetch=cfg.images.fetch,
         uri_rules=sources.photo_rules(cfg.images),
         jpeg_draft=cfg.encode.jpeg_draft,
+        device_jpeg_decode=cfg.encode.device_jpeg_decode,
     )
 
 

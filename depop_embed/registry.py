@@ -52,8 +52,6 @@ class OpenClipEmbedder(mlflow.pyfunc.PythonModel):
 
 
 def _embed_frame(encoder: encoders.Encoder, frame: pd.DataFrame, batch_size: int, max_image_pixels: int) -> pd.DataFrame:
-    import torch
-
     n = len(frame)
     errors: list = [None] * n
     pixels = {}
@@ -62,12 +60,12 @@ def _embed_frame(encoder: encoders.Encoder, frame: pd.DataFrame, batch_size: int
             continue
         try:
             # Draft-decoded like the job's default (encode.jpeg_draft), so serving sees the job's pixels.
-            pixels[i] = encoder.preprocess(photos.decode(bytes(data), max_image_pixels, encoder.image_side))
+            pixels[i] = encoder.load_photo(bytes(data), max_image_pixels)
         except photos.PhotoError as exc:
             errors[i] = str(exc)
     texts = {i: t for i, t in enumerate(frame["text"] if "text" in frame else []) if isinstance(t, str) and t}
     return pd.DataFrame({
-        "image_embedding": _in_batches(n, pixels, lambda batch: encoder.encode_images(torch.stack(batch)), batch_size),
+        "image_embedding": _in_batches(n, pixels, lambda batch: encoder.encode_images(encoder.photo_input(batch)), batch_size),
         "text_embedding": _in_batches(n, texts, encoder.encode_texts, batch_size),
         "error": errors,
     })

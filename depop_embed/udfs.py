@@ -61,6 +61,7 @@ class EncodeSettings:
     fetch: FetchConfig
     uri_rules: UriRules  # which photo URIs may be opened (sources.photo_rules)
     jpeg_draft: bool
+    device_jpeg_decode: bool
 
 
 _ENCODERS: dict[tuple, Any] = {}
@@ -84,8 +85,9 @@ def worker_encoder(settings: EncodeSettings, stats) -> Any:
 def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """mapInPandas function: (listing_id, image_id, position, uri) -> IMAGE_OUTPUT_SCHEMA rows.
 
-    Photos are read and decoded in a thread pool one batch ahead: the next batch decodes while the
-    model encodes this one (Pillow and torch both release the GIL).
+    Photos are read and decoded (the host's half, `Encoder.load_photo`) in a thread pool one batch
+    ahead: the next batch decodes while the model encodes this one (Pillow and torch both release the
+    GIL). The rest, resize to normalise, runs as a batch on the model's device (`Encoder.photo_input`).
     """
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -95,11 +97,7 @@ def encode_images(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.Data
             def start_loading(batch: pd.DataFrame) -> list[Future]:
                 nonlocal encoder
                 encoder = encoder or worker_encoder(settings, stats)
-                input_side = encoder.image_side if settings.jpeg_draft else 0
-                return _start_loading(
-                    batch, encoder.preprocess, pool, settings.max_image_pixels, settings.fetch, settings.uri_rules,
-                    input_side,
-                )
+                return _start_loading(batch, encoder, pool, settings)
 
             batches = (batch for frame in frames for batch in _batches(frame, settings.image_batch_size))
             for batch, loading in _one_ahead(batches, start_loading):
@@ -131,19 +129,16 @@ def encode_texts(settings: EncodeSettings, stats) -> Callable[[Iterator[pd.DataF
     return run
 
 
-def _start_loading(
-    batch: pd.DataFrame, preprocess, pool: ThreadPoolExecutor, max_pixels: int, fetch: FetchConfig, rules: UriRules,
-    input_side: int,
-) -> list[Future]:
+def _start_loading(batch: pd.DataFrame, encoder, pool: ThreadPoolExecutor, settings: EncodeSettings) -> list[Future]:
     # Reading and decoding run in threads: Pillow releases the GIL while it decodes, sockets while they wait.
-    return [pool.submit(_load_photo, uri, preprocess, max_pixels, fetch, rules, input_side) for uri in batch["uri"]]
+    return [pool.submit(_load_photo, uri, encoder, settings) for uri in batch["uri"]]
 
 
 def _encode_image_batch(batch: pd.DataFrame, encoder, loading: list[Future]) -> pd.DataFrame:
     loaded = [future.result() for future in loading]
     decoded = [i for i, (_, pixels, _) in enumerate(loaded) if pixels is not None]
     vectors, errors = _encode_rows(
-        lambda rows: encoder.encode_images(_stack([loaded[i][1] for i in rows])), decoded, len(batch)
+        lambda rows: encoder.encode_images(encoder.photo_input([loaded[i][1] for i in rows])), decoded, len(batch)
     )
     errors = [encode_error or load_error for encode_error, (_, _, load_error) in zip(errors, loaded)]
     return _output(batch[["listing_id", "image_id", "position"]], vectors, errors).assign(
@@ -178,27 +173,20 @@ def _one_ahead(items: Iterator[Any], start: Callable[[Any], Any]) -> Iterator[tu
         yield pending
 
 
-def _load_photo(
-    uri: str, preprocess, max_pixels: int, fetch: FetchConfig, rules: UriRules, input_side: int
-) -> tuple[str | None, Any, str | None]:
-    """uri -> (content hash, preprocessed pixels, None) or (hash or None, None, error)."""
+def _load_photo(uri: str, encoder, settings: EncodeSettings) -> tuple[str | None, Any, str | None]:
+    """uri -> (content hash, `Encoder.load_photo`'s pixels or JPEG, None) or (hash or None, None, error)."""
     from depop_embed import photos
 
     digest = None
     try:
-        data = photos.read_bytes(uri, fetch, rules)
+        data = photos.read_bytes(uri, settings.fetch, settings.uri_rules)
         digest = photos.content_hash(data)
-        return digest, preprocess(photos.decode(data, max_pixels, input_side)), None
+        pixels = encoder.load_photo(data, settings.max_image_pixels, settings.jpeg_draft, settings.device_jpeg_decode)
+        return digest, pixels, None
     except PhotoError as exc:
         return digest, None, str(exc)
-    except Exception as exc:  # a preprocess failure on a decodable image must not take the batch down
+    except Exception as exc:  # a failure past decoding (a colour conversion) must not take the batch down
         return digest, None, f"preprocess_failed: {type(exc).__name__}: {exc}"
-
-
-def _stack(tensors: list) -> Any:
-    import torch
-
-    return torch.stack(tensors)
 
 
 def _encode_rows(encode: Callable[[list[int]], np.ndarray], rows: list[int], n: int) -> tuple[list, list]:
@@ -214,6 +202,8 @@ def _encode_rows(encode: Callable[[list[int]], np.ndarray], rows: list[int], n: 
         for i in rows:
             try:
                 groups.append(([i], encode([i])))
+            except PhotoError as exc:  # a JPEG the device decoder refused, and the host found corrupt
+                errors[i] = str(exc)
             except Exception as exc:
                 errors[i] = f"encode_failed: {type(exc).__name__}: {exc}"
     for idx, matrix in groups:

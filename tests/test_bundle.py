@@ -196,6 +196,9 @@ def test_embedding_jobs_run_on_gpus_with_the_configs_arrow_batch(bundle, key):
     args, cfg = parse_task(job, "embed" if key == "embed_listings" else None)
     conf = spec["spark_conf"]
     assert conf["spark.task.resource.gpu.amount"] == "1" and conf["spark.executor.resource.gpu.amount"] == "1"
+    # One task per GPU, owning the node's cores (a g5.xlarge has 4 vCPUs): its decode threads follow them.
+    assert conf["spark.task.cpus"] == "4"
+    assert cfg.encode.decode_threads == 0 and cfg.encode.torch_threads == 0
     assert conf["spark.sql.execution.arrow.maxRecordsPerBatch"] == str(cfg.encode.arrow_batch_size) == "2048"
     assert cfg.model.device == "auto"  # cuda where Spark gave the task a GPU
 

@@ -82,6 +82,8 @@ def test_catalog_location_needs_spark_and_staging():
         ("model.seed=abc", "model.seed: expected int"),
         ("encode.image_batch_size=true", "encode.image_batch_size: expected int"),
         ("encode.image_batch_size=0", "encode.image_batch_size: must be >= 1"),
+        ("encode.decode_threads=-1", "encode.decode_threads: must be >= 0"),
+        ("encode.device_jpeg_decode=maybe", "encode.device_jpeg_decode: expected bool"),
         ("output.engine=duckdb", "output.engine: 'duckdb' is not one of"),
         ("listings.format=xml", "listings.format: 'xml' is not one of"),
         ("images.path=", "images.path: expected str, got None"),

@@ -8,11 +8,25 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from depop_embed.config import FetchConfig
+from conftest import TINY_MODEL
+from depop_embed.config import FetchConfig, ModelConfig
+from depop_embed.photos import decode_pixels
 from depop_embed.uri_rules import build_rules
 from depop_embed.udfs import (
-    CounterParam, _batches, _encode_image_batch, _encode_rows, _encode_text_batch, _one_ahead, _start_loading,
+    CounterParam, EncodeSettings, _batches, _encode_image_batch, _encode_rows, _encode_text_batch, _one_ahead,
+    _start_loading, encode_images,
 )
+
+
+def settings(**changes) -> EncodeSettings:
+    """What a worker gets, for the tiny model on the CPU."""
+    base = dict(
+        model=ModelConfig(name="depop-tiny-clip", seed=0, config_path=TINY_MODEL), package_dir=None, image_batch_size=4,
+        text_batch_size=4, torch_threads=2, decode_threads=2, max_image_pixels=50_000_000,
+        fetch=FetchConfig(timeout_s=2, retries=0, backoff_s=0), uri_rules=in_folder("/nowhere"), jpeg_draft=True,
+        device_jpeg_decode=False,
+    )
+    return EncodeSettings(**{**base, **changes})
 
 
 def fake_model(bad_rows=(), nan_rows=()):
@@ -74,8 +88,11 @@ def test_counters_merge_nested_dicts():
 class FakeEncoder:
     """The Encoder interface over numpy: a photo's vector is its mean colour, a text's its length."""
 
-    def preprocess(self, image):
-        return torch.tensor(np.asarray(image, dtype=np.float32).mean(axis=(0, 1)))
+    def load_photo(self, data, max_pixels, draft=True, device_jpeg=False):
+        return decode_pixels(data, max_pixels)
+
+    def photo_input(self, images):
+        return torch.tensor(np.stack([image.mean(axis=(0, 1), dtype=np.float32) for image in images]))
 
     def encode_images(self, pixels):
         return torch.nn.functional.normalize(pixels, dim=-1).numpy()
@@ -84,8 +101,8 @@ class FakeEncoder:
         return np.array([[1.0, len(t)] for t in texts], dtype=np.float32) / np.hypot(1.0, [len(t) for t in texts])[:, None]
 
 
-def in_folder(folder):
-    return build_rules((str(folder),), allow_private_networks=False)
+def in_folder(*folders):
+    return build_rules(tuple(str(f) for f in folders), allow_private_networks=False)
 
 
 def test_image_batch_keeps_good_rows_and_explains_bad_ones(tmp_path):
@@ -96,7 +113,7 @@ def test_image_batch_keeps_good_rows_and_explains_bad_ones(tmp_path):
     encoder = FakeEncoder()
     with ThreadPoolExecutor(2) as pool:
         out = _encode_image_batch(
-            batch, encoder, _start_loading(batch, encoder.preprocess, pool, 10_000, FetchConfig(), in_folder(tmp_path), input_side=0)
+            batch, encoder, _start_loading(batch, encoder, pool, settings(max_image_pixels=10_000, uri_rules=in_folder(tmp_path)))
         )
     assert out["status"].tolist() == ["ok", "error", "error"]
     assert out["error"][0] is None and out["error"][1].startswith("missing:") and out["error"][2].startswith("corrupt:")
@@ -116,11 +133,6 @@ def test_text_batch_marks_empty_texts_and_encodes_the_rest():
 
 
 def test_image_errors_and_transient_ones_are_counted(spark, photo_server, tmp_path):
-    from depop_embed.config import ModelConfig
-    from depop_embed.udfs import EncodeSettings, encode_images
-
-    from conftest import TINY_MODEL
-
     Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "green.png")
     photo_server.add("green.png", (tmp_path / "green.png").read_bytes(), "image/png")
     uris = [
@@ -132,17 +144,48 @@ def test_image_errors_and_transient_ones_are_counted(spark, photo_server, tmp_pa
         photo_server.url("/notype/green.png"),  # outside the allow-list: refused unrequested
     ]
     frame = pd.DataFrame({"listing_id": list("ABCDEF"), "image_id": list("abcdef"), "position": 0, "uri": uris})
-    settings = EncodeSettings(
-        model=ModelConfig(name="depop-tiny-clip", seed=0, config_path=TINY_MODEL), package_dir=None, image_batch_size=4,
-        text_batch_size=4, torch_threads=2, decode_threads=2, max_image_pixels=10_000,
-        fetch=FetchConfig(timeout_s=2, retries=0, backoff_s=0),
-        uri_rules=build_rules((str(tmp_path), photo_server.url("/photo/"), photo_server.url("/status/")), True),
-        jpeg_draft=True,
-    )
+    rules = build_rules((str(tmp_path), photo_server.url("/photo/"), photo_server.url("/status/")), True)
     stats = spark.sparkContext.accumulator({}, CounterParam())
-    out = pd.concat(encode_images(settings, stats)(iter([frame])))
+    out = pd.concat(encode_images(settings(max_image_pixels=10_000, uri_rules=rules), stats)(iter([frame])))
     assert out["status"].tolist() == ["ok", "ok", "error", "error", "error", "error"]
     assert [e.split(":")[0] for e in out["error"][2:]] == ["http_5xx", "not_found", "missing", "forbidden_uri"]
     assert stats.value["images"] == 6 and stats.value["image_batches"] == 2
     assert stats.value["image_errors"] == 4 and stats.value["image_errors_transient"] == 1
     assert stats.value["images_refused"] == 1 and photo_server.hits["/notype/green.png"] == 0
+
+
+def test_device_jpeg_decode_gives_the_host_paths_rows(spark, tmp_path):
+    from hostile_corpus import encoded
+
+    from conftest import SAMPLE
+
+    good = sorted((SAMPLE / "photos").glob("*.jpg"))[:6] + sorted((SAMPLE / "photos").glob("*.png"))[:2]
+    jpeg = good[0].read_bytes()
+    # Header and end marker intact, garbage between: it reaches the device decoder, then Pillow says 'corrupt'.
+    (tmp_path / "garbage.jpg").write_bytes(jpeg[:600] + bytes(range(256)) * 8 + b"\xff\xd9")
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (tmp_path / "cmyk.jpg").write_bytes(encoded(Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG"))
+    uris = [str(p) for p in good] + [str(tmp_path / n) for n in ("garbage.jpg", "cut.jpg", "cmyk.jpg")]
+    frame = pd.DataFrame({"listing_id": "A", "image_id": [str(i) for i in range(len(uris))], "position": 0, "uri": uris})
+    stats = spark.sparkContext.accumulator({}, CounterParam())
+    host, device = (
+        pd.concat(encode_images(settings(image_batch_size=16, device_jpeg_decode=on, uri_rules=in_folder(tmp_path, SAMPLE)), stats)(iter([frame])))
+        for on in (False, True)
+    )
+    assert host["status"].tolist() == device["status"].tolist() == ["ok"] * 8 + ["error", "error", "ok"]
+    assert [e.split(":")[0] for e in device["error"][8:10]] == ["corrupt", "corrupt"]
+    for a, b in zip(host["embedding"][host["status"] == "ok"], device["embedding"][device["status"] == "ok"]):
+        assert float(np.dot(a, b)) >= 0.9999
+
+
+def test_decode_and_torch_threads_default_to_the_cpus_of_a_task(spark, tmp_path):
+    from conftest import make_config
+    from depop_embed.pipeline import _encode_settings
+
+    task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    cfg = make_config(tmp_path, "encode.decode_threads=0", "encode.torch_threads=0")
+    resolved = _encode_settings(spark, cfg, cfg.model, None)
+    assert resolved.decode_threads == resolved.torch_threads == task_cpus
+    cfg = make_config(tmp_path, "encode.decode_threads=6", "encode.device_jpeg_decode=true")
+    resolved = _encode_settings(spark, cfg, cfg.model, None)
+    assert resolved.decode_threads == 6 and resolved.device_jpeg_decode
