@@ -287,8 +287,8 @@ def train(plan: TrainPlan) -> dict[str, Any] | None:
             with torch.no_grad():  # open_clip's own training clamps the temperature at 1/100
                 model.logit_scale.clamp_(0, math.log(100))
             state["step"] += 1
-            losses.append(float(loss))
-            pending[state["step"]] = {"train/loss": losses[-1], "train/temperature": float(1.0 / model.logit_scale.exp()),
+            losses.append(float(loss.detach()))
+            pending[state["step"]] = {"train/loss": losses[-1], "train/temperature": float(1.0 / model.logit_scale.detach().exp()),
                                       "train/learning_rate": scheduler.get_last_lr()[0]}
             if tracker and len(pending) >= 25:
                 _flush(tracker, pending)
