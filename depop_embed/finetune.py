@@ -381,7 +381,9 @@ def finetune(spark: SparkSession, cfg: Config, run_name: str, resume: bool = Tru
         if ft.num_processes > 1:
             from pyspark.ml.torch.distributor import TorchDistributor
 
-            outcome = TorchDistributor(num_processes=ft.num_processes, local_mode=False, use_gpu=True).run(train, plan)
+            # A single-node cluster trains on the driver's GPUs, a cluster with workers on theirs.
+            local = spark.sparkContext.master.startswith("local")
+            outcome = TorchDistributor(num_processes=ft.num_processes, local_mode=local, use_gpu=True).run(train, plan)
         else:
             outcome = train(plan)
         best_weights = Path(run_dir) / "checkpoints" / BEST_WEIGHTS
