@@ -168,10 +168,9 @@ class PairShards:
                         return
 
 
-def validation_scores(encoder: encoders.Encoder, folder: str, ks: tuple[int, ...], max_pixels: int, draft: bool,
-                      batch_size: int = 64) -> dict[str, float]:
-    """Text -> listing retrieval over the held-out listings: each listing's text is a query over the
-    listings' photo vectors (a listing's photos averaged); recall@k and mean reciprocal rank."""
+def held_out_vectors(encoder: encoders.Encoder, folder: str, max_pixels: int, draft: bool,
+                     batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(listing ids, photo vectors (a listing's photos averaged), text vectors) of the pairs in `folder`."""
     import pyarrow.parquet as pq
     import torch
 
@@ -197,20 +196,34 @@ def validation_scores(encoder: encoders.Encoder, folder: str, ks: tuple[int, ...
                         sums[lid] = sums.get(lid, 0) + vector
         ids = sorted(sums)
         if not ids:
-            return {}
+            return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
         listings = np.stack([sums[i] for i in ids])
         listings /= np.linalg.norm(listings, axis=1, keepdims=True)
         queries = np.concatenate([encoder.encode_texts([text_of[i] for i in ids[s : s + batch_size]])
                                   for s in range(0, len(ids), batch_size)])
     finally:
         encoder.model.train(was_training)
+    return ids, listings, queries
+
+
+def retrieval_scores(listings: np.ndarray, queries: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Query i's own listing is listing i: recall@k and mean reciprocal rank of text -> listing search."""
+    if not len(listings):
+        return {}
     scores = queries @ listings.T
-    own = scores[np.arange(len(ids)), np.arange(len(ids))]
+    own = scores[np.arange(len(listings)), np.arange(len(listings))]
     rank = (scores > own[:, None]).sum(axis=1)  # 0 = first
     out = {f"recall_at_{k}": float((rank < k).mean()) for k in ks}
     out["mrr"] = float((1.0 / (rank + 1)).mean())
-    out["listings"] = float(len(ids))
+    out["listings"] = float(len(listings))
     return out
+
+
+def validation_scores(encoder: encoders.Encoder, folder: str, ks: tuple[int, ...], max_pixels: int, draft: bool) -> dict[str, float]:
+    """Text -> listing retrieval over the held-out listings: each listing's text a query over the
+    listings' photo vectors."""
+    _, listings, queries = held_out_vectors(encoder, folder, max_pixels, draft)
+    return retrieval_scores(listings, queries, ks)
 
 
 def _schedule(warmup: int, total: int):
