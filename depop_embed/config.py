@@ -216,9 +216,31 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """jobs/finetune_model.py: contrastive fine-tuning of `model` on the listings' own photo/text pairs."""
+
+    run_dir: str = ".depop_embed/finetune"  # pair shards and checkpoints, one folder per run name
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to zero at the last step
+    lock_image: bool = False  # LiT-style: freeze the image tower
+    lock_text: bool = False
+    val_percent: int = 10  # listings whose hash of listing_id mod 100 falls below this are held out
+    seed: int = 0  # data order and dropout
+    num_processes: int = 1  # > 1: TorchDistributor, one process per GPU
+    num_workers: int = 0  # DataLoader worker processes per training process
+    registered_model: str = "depop-clip"  # the best checkpoint becomes a new version of this model
+    alias: str = "challenger"
+
+
+@dataclass(frozen=True)
 class FaultsConfig:
     # Fault injection for tests: SIGKILL the driver just before committing to this table ("" = never).
     kill_before_commit: str = ""
+    # Stop a fine-tuning run with an exception after this many optimiser steps (0 = never), as a kill would.
+    stop_finetune_after_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,6 +265,7 @@ class Config:
     neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
@@ -509,6 +532,21 @@ def validate(cfg: Config) -> None:
     _one_of("evaluation.report_by", ev.report_by, EMBEDDINGS)
     if not ev.report_dir:
         raise ConfigError("evaluation.report_dir: required")
+    ft = cfg.finetune
+    for key in ("epochs", "batch_size", "num_processes"):
+        _at_least(f"finetune.{key}", getattr(ft, key), 1)
+    for key in ("warmup_steps", "num_workers", "seed"):
+        _at_least(f"finetune.{key}", getattr(ft, key), 0)
+    if ft.batch_size < 2:
+        raise ConfigError("finetune.batch_size: a contrastive batch needs at least 2 pairs")
+    if not 0 < ft.val_percent < 100:
+        raise ConfigError(f"finetune.val_percent: must be between 1 and 99, got {ft.val_percent}")
+    if ft.learning_rate <= 0 or ft.weight_decay < 0:
+        raise ConfigError("finetune.learning_rate must be > 0 and finetune.weight_decay >= 0")
+    for key in ("run_dir", "registered_model"):
+        if not getattr(ft, key):
+            raise ConfigError(f"finetune.{key}: required")
+    _at_least("faults.stop_finetune_after_step", cfg.faults.stop_finetune_after_step, 0)
     if cfg.faults.kill_before_commit:
         _one_of("faults.kill_before_commit", cfg.faults.kill_before_commit, OUTPUT_TABLES)
 

@@ -79,11 +79,11 @@ class RunTracker:
 
         self.client.log_batch(self.run_id, params=[Param(k, _text(v, _MAX_PARAM)) for k, v in params.items()])
 
-    def log_metrics(self, metrics: Mapping[str, float | None]) -> None:
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+        values = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         self.client.log_batch(self.run_id, metrics=values)
 
     def log_staged(self, staged: Mapping[str, Any], sample_rows: int) -> None:

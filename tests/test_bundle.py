@@ -34,7 +34,7 @@ from depop_embed import config
 from conftest import ROOT
 
 TARGETS = ("dev", "prod")
-JOBS = ("embed_listings", "backfill_model", "register_model", "set_current_model", "evaluate_model")
+JOBS = ("embed_listings", "backfill_model", "register_model", "set_current_model", "evaluate_model", "finetune_model")
 USER = {"userName": "ana.lopez@depop.example", "short_name": "ana_lopez"}
 SERVICE_PRINCIPAL = "6f1c2e0a-0b5e-4f8e-9d4a-2c7b1e9f3a10"
 TEAM_EMAIL = "mlops-alerts@depop.example"
