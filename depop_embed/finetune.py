@@ -86,14 +86,14 @@ def training_pairs(spark: SparkSession, cfg: Config) -> tuple[DataFrame, dict[st
         lambda frames: (listing_text.render_frame(f, text_cfg)[["listing_id", "text"]] for f in frames),
         "listing_id string, text string",
     ).where(F.col("text") != "")
-    fetch, max_pixels = cfg.images.fetch, cfg.encode.max_image_pixels
+    fetch, max_pixels, rules = cfg.images.fetch, cfg.encode.max_image_pixels, sources.photo_rules(cfg.images)
 
     def readable(frames):
         for frame in frames:
             keep, data = [], []
             for uri in frame["uri"]:
                 try:
-                    raw = photos.read_bytes(uri, fetch)
+                    raw = photos.read_bytes(uri, fetch, rules)
                     photos.decode(raw, max_pixels)  # only `ok` photos train; the embed job marks the rest
                 except photos.PhotoError:
                     raw = None
@@ -129,8 +129,7 @@ class PairShards:
                  draft: bool, rank: int = 0, world: int = 1):
         import pyarrow.parquet as pq
 
-        self.encoder, self.batch_size, self.seed, self.max_pixels = encoder, batch_size, seed, max_pixels
-        self.input_side = encoder.image_side if draft else 0
+        self.encoder, self.batch_size, self.seed, self.max_pixels, self.draft = encoder, batch_size, seed, max_pixels, draft
         self.units = []  # (file, row group, rows)
         for path in sorted(Path(folder).glob("*.parquet")):
             meta = pq.ParquetFile(path).metadata
@@ -155,14 +154,14 @@ class PairShards:
             rows = table.to_pydict()
             for i in order:
                 try:
-                    image = photos.decode(rows["photo"][i], self.max_pixels, self.input_side)
+                    # The embed job's own host half; `photo_input` below is its device half.
+                    pixels.append(self.encoder.load_photo(rows["photo"][i], self.max_pixels, self.draft))
                 except photos.PhotoError:  # write_pairs kept decodable photos only; a changed file is skipped
                     continue
-                pixels.append(self.encoder.preprocess(image))
                 texts.append(rows["text"][i])
                 ids.append(rows["listing_id"][i])
                 if len(pixels) == self.batch_size:
-                    yield torch.stack(pixels), self.encoder.tokenizer(texts), ids
+                    yield self.encoder.photo_input(pixels), self.encoder.tokenizer(texts), ids
                     pixels, texts, ids, given = [], [], [], given + 1
                     if given == self.steps:
                         return
@@ -174,7 +173,6 @@ def held_out_vectors(encoder: encoders.Encoder, folder: str, max_pixels: int, dr
     import pyarrow.parquet as pq
     import torch
 
-    input_side = encoder.image_side if draft else 0
     was_training = encoder.model.training
     encoder.model.eval()
     sums: dict[str, np.ndarray] = {}
@@ -186,13 +184,13 @@ def held_out_vectors(encoder: encoders.Encoder, folder: str, max_pixels: int, dr
                 pixels, owners = [], []
                 for lid, text, data in zip(rows["listing_id"], rows["text"], rows["photo"]):
                     try:
-                        pixels.append(encoder.preprocess(photos.decode(data, max_pixels, input_side)))
+                        pixels.append(encoder.load_photo(data, max_pixels, draft))
                     except photos.PhotoError:
                         continue
                     owners.append(lid)
                     text_of[lid] = text
                 if pixels:
-                    for lid, vector in zip(owners, encoder.encode_images(torch.stack(pixels))):
+                    for lid, vector in zip(owners, encoder.encode_images(encoder.photo_input(pixels))):
                         sums[lid] = sums.get(lid, 0) + vector
         ids = sorted(sums)
         if not ids:
@@ -274,7 +272,7 @@ def train(plan: TrainPlan) -> dict[str, Any] | None:
     checkpoints = Path(plan.run_dir) / "checkpoints"
     state = {"epoch": 0, "step": 0, "best_mrr": -1.0, "best": {}, "history": []}
     if (checkpoints / LAST_CHECKPOINT).is_file():
-        saved = torch.load(checkpoints / LAST_CHECKPOINT, map_location=device, weights_only=False)
+        saved = torch.load(checkpoints / LAST_CHECKPOINT, map_location=device, weights_only=True)  # no pickle
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

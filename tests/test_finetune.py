@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from depop_embed import encoders, finetune, photos, pipeline
+from depop_embed import encoders, finetune, pipeline
 from depop_embed.config import ModelConfig
 from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, TEXT_TABLE
@@ -100,11 +100,8 @@ def test_the_challenger_embeds_in_the_job_as_training_encodes(spark, engine, tra
     trained_encoder = encoders.build_encoder(ModelConfig(name="depop-tiny-clip", config_path=TINY_MODEL, checkpoint=str(weights)), "cpu")
     images = read_delta(f"{job.output.location}/{IMAGE_TABLE.name}").to_pandas()
     images = images[images["status"] == "ok"]
-    pixels = [trained_encoder.preprocess(photos.decode(open(uri, "rb").read(), job.encode.max_image_pixels, trained_encoder.image_side))
-              for uri in images["image_uri"]]
-    import torch
-
-    ours = trained_encoder.encode_images(torch.stack(pixels))
+    pixels = [trained_encoder.load_photo(open(uri, "rb").read(), job.encode.max_image_pixels) for uri in images["image_uri"]]
+    ours = trained_encoder.encode_images(trained_encoder.photo_input(pixels))
     stored = np.stack(images["embedding"].to_numpy())
     assert (np.sum(ours * stored, axis=1) >= 0.9999).all()
     texts = read_delta(f"{job.output.location}/{TEXT_TABLE.name}").to_pandas()
