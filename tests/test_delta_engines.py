@@ -31,18 +31,13 @@ from depop_embed.tables import (
 )
 
 from conftest import ROOT, TINY_MODEL, TRACKING, make_config, read_delta
+from hostile_corpus import read_jsonl, write_jsonl
 
 JOB = str(ROOT / "jobs" / "embed_listings.py")
 MODEL = "depop-tiny-clip/seed-0"
 TIMES = ("embedded_at", "updated_at", "inputs_hash")  # differ between two runs of the same work
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def catalogue_config(tmp: Path, engine: str, *overrides: str, n: int = 10, seed: int = 31):

@@ -5,7 +5,6 @@ process is what the case is about."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import signal
 import subprocess
@@ -25,17 +24,12 @@ from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE, open_writer
 
 from conftest import ROOT, SAMPLE, TRACKING, make_config, read_delta
+from hostile_corpus import read_jsonl, write_jsonl
 
 MODEL = "depop-tiny-clip/seed-0"
 TIMESTAMPS = ("embedded_at", "updated_at", "inputs_hash")  # differ between two runs of the same work
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def versions(cfg) -> dict[str, int]:

@@ -18,12 +18,11 @@ from depop_embed.sample_catalogue import write_catalogue
 from depop_embed.tables import IMAGE_TABLE, LISTING_TABLE, TABLES, TEXT_TABLE, commit_info
 
 from conftest import SAMPLE, make_config, read_delta
+from hostile_corpus import read_jsonl
 
 DIM = 32  # embed_dim of the tiny test model
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def table(cfg, spec) -> pd.DataFrame:
